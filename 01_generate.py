@@ -46,7 +46,8 @@ class Args:
     seed: int = field(default=0, metadata={"help": "seeds the splits, names, examples and sampling"})
     batch_size: int = field(default=16, metadata={"help": "prompts per batch for a local Oracle"})
     cache_dir: str = field(default="cache", metadata={"help": "model cache and Oracle call cache"})
-    load_in_4bit: bool = field(default=False, metadata={"help": "load a local Oracle in 4-bit NF4"})
+    load_in_4bit: str = field(default="auto", metadata={
+        "help": "4-bit NF4 local models: auto (when CUDA is present), yes, no", "choices": ["auto", "yes", "no"]})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow custom model code from the hub"})
 
 

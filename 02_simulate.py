@@ -16,12 +16,10 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from models import ModelPool
 from roles import simulate
-from utils import (StepError, append_jsonl, finish_partial, load_pairs, parse_args, read_partial, record_args,
-                   record_key, run_main, seed_everything, stable_hash)
+from utils import (StepError, load_pairs, parse_args, questioner_adapter, record_args, resumable, run_main,
+                   seed_everything, split_of_iteration, stable_hash)
 
 
 @dataclass
@@ -41,18 +39,9 @@ class Args:
     chunk_pairs: int = field(default=16, metadata={"help": "pairs simulated together (and saved together)"})
     batch_size: int = field(default=32, metadata={"help": "conversations per generation batch"})
     cache_dir: str = field(default="cache", metadata={"help": "where the embedded model is cached"})
-    load_in_4bit: bool = field(default=False, metadata={"help": "load local models in 4-bit NF4 (QLoRA)"})
+    load_in_4bit: str = field(default="auto", metadata={
+        "help": "4-bit NF4 local models: auto (when CUDA is present), yes, no", "choices": ["auto", "yes", "no"]})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow custom model code from the hub"})
-
-
-def split_of_iteration(t: int) -> str:
-    """Iterations alternate between the two training splits: A, B, A, ... (Sec. 4.2)."""
-    return "A" if t % 2 == 0 else "B"
-
-
-def questioner_adapter(run_dir, t: int):
-    """Q_t is Q_BASE plus the adapter trained at iteration t-1 (none at t = 0)."""
-    return None if t == 0 else (f"m{t}", Path(run_dir) / f"iter{t - 1}" / "adapter")
 
 
 def generation_settings(args) -> dict:
@@ -62,33 +51,31 @@ def generation_settings(args) -> dict:
                                batch_size=args.batch_size)}
 
 
-def simulate_pairs(questioner, roleplayer, pairs, args, iteration, partial: Path, tag: str):
-    """N conversations for each pair (each pair carries its n_turns), appended to `partial` chunk by chunk.
+def simulate_pairs(questioner, roleplayer, pairs, args, iteration, final: Path, tag: str) -> list[dict]:
+    """N conversations for each pair (each pair carries its n_turns), saved chunk by chunk.
 
     A chunk's sampling seed depends only on (seed, tag, chunk index), so a resumed run regenerates a
-    half-saved chunk exactly and appends only what is missing.
+    half-saved chunk exactly, and models evaluated with the same tag face the same random draws.
     """
-    done = {record_key("conversation", r) for r in read_partial(partial, "conversation")}
     gen = generation_settings(args)
-    chunks = [pairs[i:i + args.chunk_pairs] for i in range(0, len(pairs), args.chunk_pairs)]
-    for index, chunk in enumerate(tqdm(chunks, desc=f"simulate {tag}")):
-        keys = [(p["task_id"], p["persona_id"], n) for p in chunk for n in range(args.n_conversations)]
-        if all(k in done for k in keys):
-            continue
-        items = [p for p in chunk for _ in range(args.n_conversations)]
-        dialogues = simulate(questioner, roleplayer, items, gen, seed=stable_hash(args.seed, tag, index))
-        records = [{"task_id": k[0], "persona_id": k[1], "conv_id": k[2], "iteration": iteration,
-                    "n_turns": item["n_turns"], "questioner": questioner.name, "roleplayer": roleplayer.name,
-                    "messages": d, "sampling": gen}
-                   for k, item, d in zip(keys, items, dialogues) if k not in done]
-        append_jsonl(partial, records)
+    items = [p for p in pairs for _ in range(args.n_conversations)]
+    keys = [(p["task_id"], p["persona_id"], n) for p in pairs for n in range(args.n_conversations)]
+
+    def make_records(index, chunk, chunk_keys):
+        dialogues = simulate(questioner, roleplayer, chunk, gen, seed=stable_hash(args.seed, tag, index))
+        return [{"task_id": k[0], "persona_id": k[1], "conv_id": k[2], "iteration": iteration,
+                 "n_turns": item["n_turns"], "questioner": questioner.name, "roleplayer": roleplayer.name,
+                 "messages": d, "sampling": gen} for k, item, d in zip(chunk_keys, chunk, dialogues)]
+
+    return resumable(final, "conversation", items, keys, args.chunk_pairs * args.n_conversations,
+                     f"simulate {tag}", make_records)
 
 
 def main():
     args = parse_args(Args)
     seed_everything(args.seed)
     out = Path(args.run_dir) / f"iter{args.iteration}"
-    final, partial = out / "conversations.jsonl", out / "conversations.partial.jsonl"
+    final = out / "conversations.jsonl"
     if final.exists():
         print(f"02_simulate: {final} exists; nothing to do")
         return
@@ -108,13 +95,11 @@ def main():
     pool = ModelPool(args.cache_dir, args.load_in_4bit, args.trust_remote_code)
     questioner = pool.chat(args.questioner, adapter=questioner_adapter(args.run_dir, args.iteration))
     roleplayer = pool.chat(args.roleplayer)
-    simulate_pairs(questioner, roleplayer, pairs, args, args.iteration, partial, tag=f"iter{args.iteration}")
-
-    order = [(p["task_id"], p["persona_id"], n) for p in pairs for n in range(args.n_conversations)]
-    finish_partial(partial, final, "conversation", order)
+    conversations = simulate_pairs(questioner, roleplayer, pairs, args, args.iteration, final,
+                                   tag=f"iter{args.iteration}")
     record_args(out / "args_02_simulate.json", args)
     turns = sum(p["n_turns"] for p in pairs) / len(pairs)
-    print(f"02_simulate: wrote {len(order)} conversations ({len(pairs)} pairs of split {split} x "
+    print(f"02_simulate: wrote {len(conversations)} conversations ({len(pairs)} pairs of split {split} x "
           f"{args.n_conversations}, {turns:.2f} turns on average) to {final}")
 
 

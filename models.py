@@ -64,10 +64,20 @@ def embedded_model_dir(cache_dir) -> Path:
     return folder
 
 
-def load_local(spec: str, cache_dir="cache", load_in_4bit=False, trust_remote_code=False):
+def want_4bit(setting) -> bool:
+    """--load_in_4bit auto|yes|no: auto means 4-bit NF4 exactly when a CUDA GPU is present."""
+    if isinstance(setting, bool):
+        return setting
+    if setting not in ("auto", "yes", "no"):
+        raise StepError(f"--load_in_4bit must be auto, yes or no (got {setting!r})")
+    return torch.cuda.is_available() if setting == "auto" else setting == "yes"
+
+
+def load_local(spec: str, cache_dir="cache", load_in_4bit="no", trust_remote_code=False):
     """Load (model, tokenizer) for an 'embedded' or 'hf:' spec. 4-bit: bitsandbytes NF4, bf16 compute."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+    load_in_4bit = want_4bit(load_in_4bit)
     kind, name, _ = parse_spec(spec)
     if kind == "openai":
         raise StepError(f"{spec!r} is a remote model; this role needs local weights ('embedded' or 'hf:...')")
@@ -77,7 +87,7 @@ def load_local(spec: str, cache_dir="cache", load_in_4bit=False, trust_remote_co
         options["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16)
-        options["device_map"] = {"": 0} if torch.cuda.is_available() else "cpu"
+        options["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else "cpu"
     else:
         options["dtype"] = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     try:
@@ -107,7 +117,7 @@ def template_accepts_system(tokenizer) -> bool:
 def normalise_messages(messages, system_ok: bool):
     """Fold a system message into the first user turn when the template has no system role, and merge
     consecutive turns of the same role (e.g. the Roleplayer's last answer and the restated task)."""
-    messages = [dict(role=m["role"], content=m["content"]) for m in messages]
+    messages = [dict(m) for m in messages]  # a "train" flag, if present, is kept (and OR-ed when merged)
     if messages and messages[0]["role"] == "system" and not system_ok:
         system = messages.pop(0)["content"]
         messages[0]["content"] = f"{system}\n\n{messages[0]['content']}"
@@ -115,6 +125,7 @@ def normalise_messages(messages, system_ok: bool):
     for m in messages:
         if merged and merged[-1]["role"] == m["role"]:
             merged[-1]["content"] += "\n\n" + m["content"]
+            merged[-1]["train"] = merged[-1].get("train", False) or m.get("train", False)
         else:
             merged.append(m)
     return merged
@@ -144,12 +155,39 @@ def encode_chat(tokenizer, messages, response: str | None = None, system_ok: boo
     return prompt_ids, response_ids
 
 
+def encode_for_training(tokenizer, messages, system_ok: bool = True):
+    """(input_ids, labels) of a whole conversation; labels are -100 except on the assistant messages
+    marked "train": true (their content and end-of-turn token), so system and user tokens carry no loss.
+
+    The text is rendered up to each assistant turn and cut at the turn boundaries, so each trained span is
+    tokenised exactly as encode_chat tokenises a response after its prompt.
+    """
+    plain = normalise_messages(messages, system_ok)
+    ids, labels, done = [], [], ""
+    for i, message in enumerate(plain):
+        if message["role"] != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(plain[:i], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(plain[:i + 1], tokenize=False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise StepError("this chat template re-renders earlier turns; cannot build training labels")
+        prompt_ids = tokenizer(prompt[len(done):], add_special_tokens=False)["input_ids"]
+        response_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+        eos = tokenizer.eos_token_id  # train up to the end-of-turn token, not the template padding after it
+        keep = len(response_ids) - response_ids[::-1].index(eos) if eos in response_ids else len(response_ids)
+        trained = response_ids[:keep] if message.get("train") else [-100] * keep
+        ids += prompt_ids + response_ids
+        labels += [-100] * len(prompt_ids) + trained + [-100] * (len(response_ids) - keep)
+        done = full
+    return ids, labels
+
+
 # --- Local models -------------------------------------------------------------------------------------
 
 class LocalLM:
     """One loaded causal LM with any number of named LoRA adapters; shared by all roles that name it."""
 
-    def __init__(self, spec, cache_dir="cache", load_in_4bit=False, trust_remote_code=False):
+    def __init__(self, spec, cache_dir="cache", load_in_4bit="no", trust_remote_code=False):
         self.spec = spec
         self.model, self.tokenizer = load_local(spec, cache_dir, load_in_4bit, trust_remote_code)
         self.system_ok = template_accepts_system(self.tokenizer)
@@ -246,7 +284,7 @@ class LocalLM:
 class ModelPool:
     """Loads each local model once, however many roles name it."""
 
-    def __init__(self, cache_dir="cache", load_in_4bit=False, trust_remote_code=False):
+    def __init__(self, cache_dir="cache", load_in_4bit="no", trust_remote_code=False):
         self.cache_dir, self.load_in_4bit, self.trust_remote_code = cache_dir, load_in_4bit, trust_remote_code
         self.loaded = {}
 

@@ -70,6 +70,9 @@ SCHEMAS = {
                      "n_turns": int, "messages": list},
     "score": {"task_id": str, "persona_id": str, "conv_id": int, "iteration": int, "logprob": float},
     "sft": {"task_id": str, "persona_id": str, "conv_id": int, "iteration": int, "messages": list},
+    "answer": {"task_id": str, "persona_id": str, "conv_id": int, "answer": str},
+    "control": {"task_id": str, "persona_id": str, "control": str, "logprob": float},
+    "judgment": {"task_id": str, "persona_id": str, "order": str, "judge": str, "output": str},
 }
 KEYS = {
     "task": ("task_id",),
@@ -78,6 +81,9 @@ KEYS = {
     "conversation": ("task_id", "persona_id", "conv_id"),
     "score": ("task_id", "persona_id", "conv_id"),
     "sft": ("task_id", "persona_id", "conv_id"),
+    "answer": ("task_id", "persona_id", "conv_id"),
+    "control": ("task_id", "persona_id", "control"),
+    "judgment": ("task_id", "persona_id", "order"),
 }
 
 
@@ -219,3 +225,44 @@ def load_pairs(run_dir, split: str | None = None) -> list[dict]:
     if not pairs:
         raise StepError(f"{data / 'gold.jsonl'}: no pairs in split {split!r}")
     return sorted(pairs, key=lambda p: (p["task_id"], p["persona_id"]))
+
+
+def pending_chunks(items: list, keys: list, done: set, size: int, desc: str):
+    """Cut items into fixed chunks (the same cut on every run) and yield (index, items, keys) for each
+    chunk with a key not yet in `done`, with a progress bar over all chunks."""
+    from tqdm.auto import tqdm
+
+    for index in tqdm(range(0, len(items), size), desc=desc):
+        chunk_keys = keys[index:index + size]
+        if not all(k in done for k in chunk_keys):
+            yield index // size, items[index:index + size], chunk_keys
+
+
+# --- Run layout ---------------------------------------------------------------------------------------
+
+def split_of_iteration(t: int) -> str:
+    """Iterations alternate between the two training splits: A, B, A, ... (Sec. 4.2 of the paper)."""
+    return "A" if t % 2 == 0 else "B"
+
+
+def questioner_adapter(run_dir, t: int):
+    """Q_t is Q_BASE plus the LoRA adapter 04_train.py wrote at iteration t-1 (none at t = 0).
+    Returns (adapter name, folder) or None."""
+    return None if t == 0 else (f"m{t}", Path(run_dir) / f"iter{t - 1}" / "adapter")
+
+
+def resumable(final: Path, kind: str, items: list, keys: list, size: int, desc: str, make_records):
+    """Compute the records of `final` chunk by chunk, appending each chunk to <final>.partial.jsonl as
+    it finishes; on a rerun, chunks already saved are skipped. make_records(index, chunk, chunk_keys)
+    returns the chunk's records. When all are there, the final file is written atomically (sorted like
+    `keys`) and the partial file removed. If `final` exists, it is read and nothing is computed.
+    """
+    final = Path(final)
+    if not final.exists():
+        partial = final.with_name(final.name.replace(".jsonl", ".partial.jsonl"))
+        done = {record_key(kind, r) for r in read_partial(partial, kind)}
+        for index, chunk, chunk_keys in pending_chunks(items, keys, done, size, desc):
+            records = [r for r in make_records(index, chunk, chunk_keys) if record_key(kind, r) not in done]
+            append_jsonl(partial, records)
+        finish_partial(partial, final, kind, keys)
+    return read_jsonl(final, kind)

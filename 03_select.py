@@ -1,0 +1,137 @@
+"""Step 3: score, select and regularise (Sec. 3, steps 2-4 of one STaR-GATE iteration).
+
+Reads   <run_dir>/iter{t}/conversations.jsonl (02_simulate.py) and the run's gold responses.
+Writes  <run_dir>/iter{t}/scores.jsonl  the gold log-prob of EVERY conversation (the analysis data)
+        <run_dir>/iter{t}/sft.jsonl     fine-tuning records: each kept conversation + a final answer,
+                                        every message marked with whether it is trained on
+
+1. Score: the summed log-prob of the pair's gold response under the FIXED base model Q_BASE (never the
+   current model), in the context: user turn (name + task), the conversation, the task restated after
+   the last answer, then the gold response as the assistant turn.
+2. Select: keep the top k of the N conversations of each pair (paper: k = 1, N = 10).
+3. Regularise: Q_t writes its own final answer (greedy) after each kept conversation, prompted to use
+   what the user revealed, so training does not shift its answers away from its own (Sec. 3, Eq. 2).
+   --target gold trains on the Oracle's answer instead, --target none on the questions only (the
+   paper's two ablations).
+
+    python 03_select.py --run_dir runs/tiny --iteration 0 --n_conversations 3
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from models import ModelPool
+from roles import answer_view, questioner_view
+from utils import (StepError, load_pairs, parse_args, questioner_adapter, read_jsonl, record_args, record_key,
+                   resumable, run_main, seed_everything, split_of_iteration)
+
+@dataclass
+class Args:
+    run_dir: str = field(default="runs/tiny", metadata={"help": "folder of this run"})
+    iteration: int = field(default=0, metadata={"help": "t: select from the conversations of Q_t"})
+    questioner: str = field(default="embedded", metadata={"help": "Q_BASE model spec (scores; with adapter m_t, answers)"})
+    n_conversations: int = field(default=10, metadata={"help": "N: use conversations 0..N-1 of each pair"})
+    top_k: int = field(default=1, metadata={"help": "k conversations kept per pair (paper: 1)"})
+    target: str = field(default="own", metadata={
+        "help": "final message trained on: own (Q_t's answer, the method), gold (ablation), none (questions only)",
+        "choices": ["own", "gold", "none"]})
+    answer_max_tokens: int = field(default=300, metadata={"help": "token cap of Q_t's final answer"})
+    seed: int = field(default=0, metadata={"help": "seed (answers are greedy; kept for the record)"})
+    batch_size: int = field(default=16, metadata={"help": "sequences per scoring or generation batch"})
+    chunk_size: int = field(default=64, metadata={"help": "records computed (and saved) together"})
+    cache_dir: str = field(default="cache", metadata={"help": "where the embedded model is cached"})
+    load_in_4bit: str = field(default="auto", metadata={
+        "help": "4-bit NF4 local models: auto (when CUDA is present), yes, no", "choices": ["auto", "yes", "no"]})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow custom model code from the hub"})
+
+
+def top_k(scores: list[dict], k: int) -> list[dict]:
+    """The k highest-scoring conversations of each pair; ties go to the lower conv_id (deterministic)."""
+    by_pair = {}
+    for s in scores:
+        by_pair.setdefault((s["task_id"], s["persona_id"]), []).append(s)
+    kept = []
+    for pair in sorted(by_pair):
+        kept += sorted(by_pair[pair], key=lambda s: (-s["logprob"], s["conv_id"]))[:k]
+    return kept
+
+
+def main():
+    args = parse_args(Args)
+    seed_everything(args.seed)
+    out = Path(args.run_dir) / f"iter{args.iteration}"
+    if (out / "sft.jsonl").exists():
+        print(f"03_select: {out / 'sft.jsonl'} exists; nothing to do")
+        return
+    if not 1 <= args.top_k <= args.n_conversations:
+        raise StepError("--top_k must be between 1 and --n_conversations")
+
+    pairs = {(p["task_id"], p["persona_id"]): p for p in load_pairs(args.run_dir, split_of_iteration(args.iteration))}
+    source = out / "conversations.jsonl"
+    conversations = [c for c in read_jsonl(source, "conversation") if c["conv_id"] < args.n_conversations]
+    for c in conversations:
+        if (c["task_id"], c["persona_id"]) not in pairs:
+            raise StepError(f"{source}: conversation {record_key('conversation', c)} names a pair that is "
+                            f"not in the split of iteration {args.iteration}")
+    expected = len(pairs) * args.n_conversations
+    if len(conversations) != expected:
+        raise StepError(f"{source}: {len(conversations)} conversations with conv_id < {args.n_conversations}, "
+                        f"expected {expected} ({len(pairs)} pairs x N); is --n_conversations the one 02 used?")
+    pool = ModelPool(args.cache_dir, args.load_in_4bit, args.trust_remote_code)
+
+    # 1. Score every conversation by log p_BASE(gold | task, conversation). The scorer runs with every
+    # adapter switched off, so it is Q_BASE even in iterations where Q_t shares its weights.
+    scorer = pool.local(args.questioner)
+
+    def score_records(_, chunk, keys):
+        contexts = [answer_view(pairs[k[:2]]["name"], pairs[k[:2]]["task"], c["messages"]) for k, c in zip(keys, chunk)]
+        results = scorer.score(contexts, [pairs[k[:2]]["gold"] for k in keys], adapter=None, batch_size=args.batch_size)
+        return [{"task_id": c["task_id"], "persona_id": c["persona_id"], "conv_id": c["conv_id"],
+                 "iteration": args.iteration, "n_turns": c["n_turns"], "logprob": lp, "n_tokens": n,
+                 "scorer": scorer.spec} for c, (lp, n) in zip(chunk, results)]
+
+    keys = [record_key("conversation", c) for c in conversations]
+    scores = resumable(out / "scores.jsonl", "score", conversations, keys, args.chunk_size, "score (Q_BASE)",
+                       score_records)
+
+    # 2. Keep the top k conversations of each pair.
+    kept = top_k(scores, args.top_k)
+    by_key = {record_key("conversation", c): c for c in conversations}
+
+    # 3. The final message: Q_t's own greedy answer (the method), the gold answer, or none.
+    questioner = pool.chat(args.questioner, adapter=questioner_adapter(args.run_dir, args.iteration))
+
+    def sft_records(_, chunk, keys):
+        convs = [by_key[k] for k in keys]
+        views = [answer_view(pairs[k[:2]]["name"], pairs[k[:2]]["task"], c["messages"]) for k, c in zip(keys, convs)]
+        if args.target == "own":
+            finals = questioner.generate(views, max_new_tokens=args.answer_max_tokens, temperature=0.0,
+                                         batch_size=args.batch_size)
+        elif args.target == "gold":
+            finals = [pairs[k[:2]]["gold"] for k in keys]
+        records = []
+        for i, (k, s, c) in enumerate(zip(keys, chunk, convs)):
+            # Loss on the Questioner's turns (questions and final answer); never on system or user turns.
+            if args.target == "none":
+                messages = questioner_view(pairs[k[:2]]["name"], pairs[k[:2]]["task"], c["messages"])
+            else:
+                messages = views[i] + [{"role": "assistant", "content": finals[i].strip()}]
+            records.append({"task_id": k[0], "persona_id": k[1], "conv_id": k[2], "iteration": args.iteration,
+                            "logprob": s["logprob"], "target": args.target, "answerer": questioner.name,
+                            "messages": [dict(m, train=m["role"] == "assistant") for m in messages]})
+        return records
+
+    keys = [record_key("score", s) for s in kept]
+    sft = resumable(out / "sft.jsonl", "sft", kept, keys, args.chunk_size, f"answers ({args.target})", sft_records)
+    record_args(out / "args_03_select.json", args)
+
+    mean = sum(s["logprob"] for s in scores) / len(scores)
+    best = sum(s["logprob"] for s in kept) / len(kept)
+    empty = sum(not r["messages"][-1]["content"] for r in sft)
+    print(f"03_select: scored {len(scores)} conversations (mean gold log-prob {mean:.1f}, kept top-{args.top_k} "
+          f"mean {best:.1f}); wrote {len(kept)} records (target {args.target}, {empty} empty final messages) "
+          f"to {out / 'sft.jsonl'}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,168 @@
+"""Plumbing for 05_eval.py: evaluation arithmetic (win rates, bootstrap intervals) and the report files.
+
+The paper's numbers (PROTOCOL.md) are kept here so that the report can put ours beside them.
+"""
+
+import json
+import random
+from pathlib import Path
+
+PAPER = {  # Andukuri et al. 2024, test set; the paper's numbers, not ours
+    "win_rate": {1: 69.9, 2: 72.2, 3: 65.2},
+    "logprob_mean": {0: -359.8, 1: -350.9, 2: -344.7, 3: -339.2},
+    "logprob_best": {0: -331.3, 1: -321.2, 2: -312.0, 3: -305.0},
+    "controls": {"no_conversation": -367.5, "persona_in_context": -267.5, "other_persona": -370.0},
+    "ablations": {"gold": {1: 44.1, 2: 51.8, 3: 54.2}, "none": {1: 25.4, 2: 20.3, 3: 20.5},
+                  "mt_asks_m0_answers": {1: 53.8, 2: 53.6, 3: 49.6}},
+}
+
+
+def bootstrap_ci(values: list[float], n_boot: int = 2000, seed: int = 0, level: float = 0.95):
+    """Percentile bootstrap interval of the mean (resampling items with replacement)."""
+    if not values:
+        return [None, None]
+    rng = random.Random(seed)
+    n = len(values)
+    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_boot))
+    lo = means[int((1 - level) / 2 * n_boot)]
+    hi = means[min(n_boot - 1, int((1 + level) / 2 * n_boot))]
+    return [lo, hi]
+
+
+def pair_outcome(verdict_new_first: str | None, verdict_new_second: str | None) -> float | None:
+    """One comparison judged in both orders. Order 1 shows the new model's answer as A, order 2 as B.
+
+    Both verdicts pick the new model: 1 (win); both pick the baseline: 0 (loss); they disagree: 0.5
+    (a tie: the judge followed the position, not the content). None if either verdict is unparseable.
+    """
+    if verdict_new_first is None or verdict_new_second is None:
+        return None
+    new_wins = [verdict_new_first == "A", verdict_new_second == "B"]
+    return 1.0 if all(new_wins) else 0.0 if not any(new_wins) else 0.5
+
+
+def win_rate(outcomes: list[float | None], n_boot: int = 2000, seed: int = 0) -> dict:
+    """Win rate in % (ties count half), its 95% bootstrap interval, and the judge's order consistency."""
+    scored = [o for o in outcomes if o is not None]
+    if not scored:
+        return {"win_rate": None, "ci95": [None, None], "n": 0, "unparseable": len(outcomes),
+                "order_consistency": None, "wins": 0, "losses": 0, "ties": 0}
+    ci = bootstrap_ci([100 * o for o in scored], n_boot, seed)
+    return {"win_rate": 100 * sum(scored) / len(scored), "ci95": ci, "n": len(scored),
+            "unparseable": len(outcomes) - len(scored),
+            "order_consistency": sum(o != 0.5 for o in scored) / len(scored),
+            "wins": sum(o == 1.0 for o in scored), "losses": sum(o == 0.0 for o in scored),
+            "ties": sum(o == 0.5 for o in scored)}
+
+
+def min_detectable_effect(diffs: list[float]) -> float | None:
+    """Smallest mean difference a paired test of this size detects (5% two-sided, 80% power): 2.8 SD/sqrt(n)."""
+    n = len(diffs)
+    if n < 2:
+        return None
+    mean = sum(diffs) / n
+    sd = (sum((d - mean) ** 2 for d in diffs) / (n - 1)) ** 0.5
+    return 2.8 * sd / n ** 0.5
+
+
+def fmt(value, digits=1):
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def fmt_ci(ci, digits=1):
+    return "-" if ci[0] is None else f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def write_report(folder: Path, metrics: dict, ablations: dict[str, dict]):
+    """report.md (our numbers beside the paper's) and two PNG plots, in `folder`."""
+    models = sorted(int(m[1:]) for m in metrics["models"])
+    lines = [f"# STaR-GATE evaluation: {metrics['run_dir']}", "",
+             f"{metrics['test_pairs']} test pairs x {metrics['n_conversations']} conversations per model; "
+             f"Questioner {metrics['questioner']}, Roleplayer {metrics['roleplayer']}, Judge {metrics['judge']}.",
+             "Columns marked *paper* are the paper's published numbers (Mistral-7B, GPT-4 judge), not ours.", "",
+             "## Win rate against m0 (each comparison judged in both orders; disagreement = tie)", "",
+             "| model | win rate % | 95% CI | wins / ties / losses | unparseable | order consistency "
+             "| m_t asks, m0 answers % | *paper* |", "|---|---|---|---|---|---|---|---|"]
+    for t in models[1:]:
+        m = metrics["models"][f"m{t}"]
+        w, a = m["win_rate"], m["asks_only"]
+        lines.append(f"| m{t} | {fmt(w['win_rate'])} | {fmt_ci(w['ci95'])} | {w['wins']} / {w['ties']} / {w['losses']} "
+                     f"| {w['unparseable']} | {fmt(w['order_consistency'], 2)} | {fmt(a['win_rate'])} {fmt_ci(a['ci95'])} "
+                     f"| *{fmt(PAPER['win_rate'].get(t))}* |")
+    lines += ["", "## Gold-response log-prob (summed, scored by Q_BASE)", "",
+              "| model | mean of N | best of N | m_t - m0 (per pair, mean of N) | 95% CI | *paper mean* | *paper best* |",
+              "|---|---|---|---|---|---|---|"]
+    for t in models:
+        m = metrics["models"][f"m{t}"]
+        d = m.get("gain_over_m0", {})
+        lines.append(f"| m{t} | {fmt(m['logprob_mean'])} | {fmt(m['logprob_best'])} | {fmt(d.get('mean'), 2)} "
+                     f"| {fmt_ci(d.get('ci95', [None, None]), 2)} | *{fmt(PAPER['logprob_mean'].get(t))}* "
+                     f"| *{fmt(PAPER['logprob_best'].get(t))}* |")
+    c = metrics["controls"]
+    lines += ["", "| control (m0) | ours | *paper* |", "|---|---|---|"]
+    for key, label in (("no_conversation", "no conversation"), ("persona_in_context", "persona in context (upper bound)"),
+                       ("other_persona", "conversation from a different persona")):
+        lines.append(f"| {label} | {fmt(c[key])} | *{fmt(PAPER['controls'][key])}* |")
+    v = metrics["conversation_value"]
+    lines += ["", f"Value of m0's conversation (m0 mean minus no conversation, per pair): {fmt(v['mean'], 2)} nats, "
+              f"95% CI {fmt_ci(v['ci95'], 2)}. With {metrics['test_pairs']} test pairs the smallest gain a paired test "
+              f"detects (80% power) is about {fmt(metrics['min_detectable_effect'], 2)} nats.",
+              "", "## Questions asked (diagnostics)", "",
+              "| model | questions / conversation | question share of turns | words per question "
+              "| answered instead of asking | Roleplayer leaked persona | empty turns |", "|---|---|---|---|---|---|---|"]
+    for t in models:
+        q = metrics["models"][f"m{t}"]["diagnostics"]
+        lines.append(f"| m{t} | {fmt(q['questions_per_conversation'], 2)} | {fmt(q['question_rate'], 2)} "
+                     f"| {fmt(q['words_per_question'])} | {fmt(q['answered_instead'], 2)} | {fmt(q['persona_leak'], 2)} "
+                     f"| {q['empty_turns']} |")
+    if ablations:
+        lines += ["", "## Ablations (win rate % against the same m0)", "",
+                  "| run | " + " | ".join(f"m{t}" for t in models[1:]) + " | *paper* |",
+                  "|---|" + "---|" * len(models[1:]) + "---|"]
+        for name, other in ablations.items():
+            target = other.get("target", name)
+            cells = [f"{fmt(other['models'].get(f'm{t}', {}).get('win_rate', {}).get('win_rate'))}" for t in models[1:]]
+            paper = ", ".join(fmt(PAPER["ablations"].get(target, {}).get(t)) for t in models[1:])
+            lines.append(f"| {name} (target {target}) | " + " | ".join(cells) + f" | *{paper}* |")
+    lines += ["", "![win rate](winrate.png)", "", "![gold log-prob](logprob.png)", ""]
+    (folder / "report.md").write_text("\n".join(lines))
+    plot(folder, metrics, models)
+
+
+def plot(folder: Path, metrics: dict, models: list[int]):
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no screen
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ts = models[1:]
+    rates = [metrics["models"][f"m{t}"]["win_rate"] for t in ts]
+    ys = [r["win_rate"] if r["win_rate"] is not None else float("nan") for r in rates]
+    err = [[y - r["ci95"][0] if r["ci95"][0] is not None else 0 for y, r in zip(ys, rates)],
+           [r["ci95"][1] - y if r["ci95"][1] is not None else 0 for y, r in zip(ys, rates)]]
+    ax.errorbar(ts, ys, yerr=err, marker="o", capsize=4, label="ours (95% CI)")
+    ax.plot(ts, [PAPER["win_rate"].get(t, float("nan")) for t in ts], "s--", color="gray", label="paper")
+    ax.axhline(50, color="black", lw=0.8)
+    ax.set(xlabel="iteration", ylabel="win rate vs m0 (%)", ylim=(0, 100), xticks=ts)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "winrate.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(models, [metrics["models"][f"m{t}"]["logprob_mean"] for t in models], "o-", label="mean of N")
+    ax.plot(models, [metrics["models"][f"m{t}"]["logprob_best"] for t in models], "o-", label="best of N")
+    styles = {"no_conversation": ":", "persona_in_context": "--", "other_persona": "-."}
+    for key, style in styles.items():
+        ax.axhline(metrics["controls"][key], ls=style, color="gray", lw=1, label=key.replace("_", " "))
+    ax.set(xlabel="model m_t", ylabel="gold log-prob (nats)", xticks=models)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / "logprob.png", dpi=120)
+    plt.close(fig)
+
+
+def load_metrics(run_dir) -> dict | None:
+    path = Path(run_dir) / "eval" / "metrics.json"
+    return json.loads(path.read_text()) if path.exists() else None

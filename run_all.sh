@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# STaR-GATE end to end: 01 (data) once, then 02 simulate -> 03 select -> 04 train for t = 0 .. T-1,
+# then 05 evaluate. Every step skips work already done, so after a crash or Ctrl-C run the same
+# command again and it finishes what is left, with nothing duplicated.
+#
+#   bash run_all.sh                  # the tiny preset: embedded model in every role, minutes on a CPU
+#   bash run_all.sh laptop           # Mistral-7B-Instruct in 4-bit on one GPU
+#   bash run_all.sh paper            # the paper's sizes and models
+#   bash run_all.sh tiny --ablations # also the paper's two ablations, in runs/<preset>-gold, -none
+#
+# RUN_DIR=... and CACHE_DIR=... override where outputs and caches go.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PRESET="${1:-tiny}"
+ABLATIONS="${2:-}"
+
+# --- Presets: every value that differs between them, in one place ---------------------------------
+case "$PRESET" in
+  tiny)    # the embedded SmolLM2-135M in every role; sizes that finish in minutes on 2 CPU cores
+    QUESTIONER=embedded; ROLEPLAYER=embedded; ORACLE=embedded; JUDGE=embedded
+    ITERATIONS=2; N_TASKS="4 4 3"; N_PERSONAS="3 3 3"; N=3; TOP_K=1; TEST_PAIRS=9
+    GEN_FLAGS="--persona_max_tokens 120 --gold_max_tokens 96"
+    SIM_FLAGS="--question_max_tokens 32 --answer_max_tokens 48"
+    SELECT_FLAGS="--answer_max_tokens 96"
+    TRAIN_FLAGS="--learning_rate 5e-4 --epochs 2 --batch_size 4 --grad_accum 1 --lora_r 8 --no_gradient_checkpointing"
+    EVAL_FLAGS="--question_max_tokens 32 --answer_max_tokens 48 --final_max_tokens 96 --judge_max_tokens 64"
+    ;;
+  laptop)  # Mistral-7B-Instruct-v0.2 in 4-bit as Questioner and Roleplayer (one shared copy);
+           # Oracle and Judge through an OpenAI-compatible API when OPENAI_API_KEY is set
+    QUESTIONER=hf:mistralai/Mistral-7B-Instruct-v0.2; ROLEPLAYER=$QUESTIONER
+    if [ -n "${OPENAI_API_KEY:-}" ]; then ORACLE=openai:gpt-4o; JUDGE=openai:gpt-4o
+    else ORACLE=$QUESTIONER; JUDGE=$QUESTIONER; fi
+    ITERATIONS=2; N_TASKS="40 40 20"; N_PERSONAS="10 10 5"; N=4; TOP_K=1; TEST_PAIRS=100
+    GEN_FLAGS="--load_in_4bit yes"
+    SIM_FLAGS="--load_in_4bit yes"
+    SELECT_FLAGS="--load_in_4bit yes"
+    TRAIN_FLAGS="--load_in_4bit yes --batch_size 4 --grad_accum 4"
+    EVAL_FLAGS="--load_in_4bit yes"
+    ;;
+  paper)   # Sec. 4: Mistral-7B Questioner, Mixtral-8x7B Roleplayer, GPT-4 Oracle and Judge, 3 iterations
+    QUESTIONER=hf:mistralai/Mistral-7B-Instruct-v0.2; ROLEPLAYER=hf:mistralai/Mixtral-8x7B-Instruct-v0.1
+    ORACLE=openai:gpt-4; JUDGE=openai:gpt-4
+    ITERATIONS=3; N_TASKS="250 250 50"; N_PERSONAS="50 50 10"; N=10; TOP_K=1; TEST_PAIRS=300
+    GEN_FLAGS=""; SIM_FLAGS=""; SELECT_FLAGS=""; TRAIN_FLAGS=""; EVAL_FLAGS=""
+    ;;
+  *) echo "unknown preset '$PRESET': use tiny, laptop or paper" >&2; exit 2 ;;
+esac
+RUN_DIR="${RUN_DIR:-runs/$PRESET}"
+CACHE_DIR="${CACHE_DIR:-cache}"
+COMMON="--cache_dir $CACHE_DIR --seed 0"
+
+run_method() {  # $1 = run folder, $2 = final message trained on (own | gold | none)
+  local dir="$1" target="$2"
+  for ((t = 0; t < ITERATIONS; t++)); do
+    echo "== $dir: iteration $t =="
+    python 02_simulate.py --run_dir "$dir" --iteration "$t" --questioner "$QUESTIONER" --roleplayer "$ROLEPLAYER" \
+      --n_conversations "$N" $COMMON $SIM_FLAGS
+    python 03_select.py --run_dir "$dir" --iteration "$t" --questioner "$QUESTIONER" --n_conversations "$N" \
+      --top_k "$TOP_K" --target "$target" $COMMON $SELECT_FLAGS
+    python 04_train.py --run_dir "$dir" --iteration "$t" --questioner "$QUESTIONER" $COMMON $TRAIN_FLAGS
+  done
+}
+
+echo "== $RUN_DIR: data =="
+python 01_generate.py --run_dir "$RUN_DIR" --oracle "$ORACLE" --n_tasks $N_TASKS --n_personas $N_PERSONAS \
+  $COMMON $GEN_FLAGS
+run_method "$RUN_DIR" own
+
+EVAL_RUNS=()
+if [ "$ABLATIONS" = "--ablations" ]; then
+  # The paper's ablations share the data and the iteration-0 conversations of m0 (identical by seed).
+  for target in gold none; do
+    dir="$RUN_DIR-$target"
+    mkdir -p "$dir/iter0"
+    [ -e "$dir/data" ] || ln -s "$(cd "$RUN_DIR" && pwd)/data" "$dir/data"
+    [ -e "$dir/iter0/conversations.jsonl" ] || cp "$RUN_DIR/iter0/conversations.jsonl" "$dir/iter0/"
+    run_method "$dir" "$target"
+    EVAL_RUNS+=("$dir")
+  done
+fi
+
+echo "== $RUN_DIR: evaluation =="
+python 05_eval.py --run_dir "$RUN_DIR" --iterations "$ITERATIONS" --questioner "$QUESTIONER" \
+  --roleplayer "$ROLEPLAYER" --judge "$JUDGE" --n_conversations "$N" --test_pairs "$TEST_PAIRS" \
+  $COMMON $EVAL_FLAGS
+for dir in "${EVAL_RUNS[@]}"; do
+  python 05_eval.py --run_dir "$dir" --iterations "$ITERATIONS" --questioner "$QUESTIONER" \
+    --roleplayer "$ROLEPLAYER" --judge "$JUDGE" --n_conversations "$N" --test_pairs "$TEST_PAIRS" \
+    --baseline_dir "$RUN_DIR" $COMMON $EVAL_FLAGS
+done
+[ ${#EVAL_RUNS[@]} -eq 0 ] || python 05_eval.py --report_only --run_dir "$RUN_DIR" --ablation_dirs "${EVAL_RUNS[@]}"
+echo "Report: $RUN_DIR/eval/report.md (metrics: $RUN_DIR/eval/metrics.json)"
