@@ -149,10 +149,16 @@ def encode_chat(tokenizer, messages, response: str | None = None, system_ok: boo
         raise StepError("this chat template renders an assistant turn differently from its generation "
                         "prompt; cannot locate the response tokens")
     response_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
-    if eos in response_ids:  # drop what the template writes after the end-of-turn token (e.g. "\n")
-        response_ids = response_ids[:len(response_ids) - response_ids[::-1].index(eos)]
-    return prompt_ids, response_ids
+    return prompt_ids, response_ids[:end_of_turn(tokenizer, response_ids)]
+
+
+def end_of_turn(tokenizer, response_ids) -> int:
+    """Length of a rendered assistant turn without the whitespace some templates write after its
+    end-of-turn token (ChatML's "<|im_end|>\n", Gemma's "<end_of_turn>\n"): that is layout, not reply."""
+    keep = len(response_ids)
+    while keep > 0 and not tokenizer.decode(response_ids[keep - 1:keep]).strip():
+        keep -= 1
+    return keep
 
 
 def encode_for_training(tokenizer, messages, system_ok: bool = True):
@@ -173,8 +179,7 @@ def encode_for_training(tokenizer, messages, system_ok: bool = True):
             raise StepError("this chat template re-renders earlier turns; cannot build training labels")
         prompt_ids = tokenizer(prompt[len(done):], add_special_tokens=False)["input_ids"]
         response_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
-        eos = tokenizer.eos_token_id  # train up to the end-of-turn token, not the template padding after it
-        keep = len(response_ids) - response_ids[::-1].index(eos) if eos in response_ids else len(response_ids)
+        keep = end_of_turn(tokenizer, response_ids)  # train up to the end-of-turn token, not the layout after it
         trained = response_ids[:keep] if message.get("train") else [-100] * keep
         ids += prompt_ids + response_ids
         labels += [-100] * len(prompt_ids) + trained + [-100] * (len(response_ids) - keep)
@@ -339,6 +344,7 @@ class OpenAIChat:
         self.client = openai.OpenAI(api_key=key, base_url=self.base_url, timeout=timeout,
                                     max_retries=max_retries)
         self.model, self.concurrency, self.name = model, concurrency, f"openai:{model}"
+        self.cache_id = f"{self.name}@{self.base_url}"  # the same model name on two servers is two models
         self.openai = openai
 
     def one(self, messages, max_new_tokens, temperature, top_p, seed):
@@ -351,6 +357,9 @@ class OpenAIChat:
             raise StepError(f"{self.base_url} rejected the API key in OPENAI_API_KEY (401)") from None
         except openai.NotFoundError:
             raise StepError(f"{self.base_url} does not know the model {self.model!r} (404)") from None
+        except openai.APITimeoutError:
+            raise StepError(f"{self.base_url} did not answer within {self.client.timeout} s, "
+                            f"{self.client.max_retries + 1} times; is the server overloaded?") from None
         except openai.APIConnectionError:
             raise StepError(f"cannot reach the OpenAI-compatible server at {self.base_url} "
                             "(set OPENAI_BASE_URL or openai:<model>@<url>)") from None
@@ -363,16 +372,25 @@ class OpenAIChat:
         """Concurrent requests; request i is seeded with seeds[i] (default seed + i).
         on_result(i, text) fires as each request ends."""
         seeds = seeds or [seed + i for i in range(len(prompts))]
-        outputs = [None] * len(prompts)
+        outputs, errors = [None] * len(prompts), []
         with concurrent.futures.ThreadPoolExecutor(self.concurrency) as pool:
             futures = {pool.submit(self.one, p, max_new_tokens, temperature, top_p, s): i
                        for i, (p, s) in enumerate(zip(prompts, seeds))}
             for future in tqdm(concurrent.futures.as_completed(futures), total=len(futures), desc=desc,
                                leave=False, disable=desc is None):
+                if future.cancelled():
+                    continue
+                if future.exception() is not None:  # stop sending, but keep what is already paid for
+                    errors.append(future.exception())
+                    for other in futures:
+                        other.cancel()
+                    continue
                 i = futures[future]
                 outputs[i] = future.result()
                 if on_result:
                     on_result(i, outputs[i])
+        if errors:
+            raise errors[0]
         return outputs
 
 
@@ -388,7 +406,8 @@ class CachedChat:
         self.lock = threading.Lock()
 
     def key(self, prompt, settings, seed):
-        return hashlib.sha256(json.dumps([self.name, prompt, settings, seed]).encode()).hexdigest()
+        model_id = getattr(self.inner, "cache_id", self.name)
+        return hashlib.sha256(json.dumps([model_id, prompt, settings, seed]).encode()).hexdigest()
 
     def generate(self, prompts, max_new_tokens=128, temperature=0.0, top_p=1.0, seed=0, batch_size=16,
                  desc=None):

@@ -118,7 +118,9 @@ def simulate(questioner, roleplayer, items, gen, seed):
     return dialogues
 
 
-VERDICT = re.compile(r"verdict\s*[:\-]?\s*\**\s*\(?\b(A|B)\b", re.IGNORECASE)
+# "Verdict: A", "**Verdict**: b", "Verdict: (A)", "Verdict: Response B"; not "Verdict: a tie" or "Both".
+VERDICT = re.compile(r"verdict[\s*:\-]*\(?\s*(?:response\s+)?([AB])(?![A-Za-z])(?!\s+(?:tie|and|or)\b)",
+                     re.IGNORECASE)
 
 
 def parse_verdict(text: str) -> str | None:

@@ -111,11 +111,13 @@ def check_record(kind: str, record, where: str):
         check_messages(record["messages"], where)
 
 
-def read_jsonl(path, kind: str | None = None, unique: bool = True, allow_torn_tail: bool = False) -> list[dict]:
+def read_jsonl(path, kind: str | None = None, unique: bool = True, allow_torn_tail: bool = False,
+               line_numbers: bool = False) -> list:
     """Read a JSONL file; check each record against its schema and (optionally) that keys are unique.
 
     allow_torn_tail: a crash while appending can leave the last line half-written (no newline);
     for files that are being appended to (`*.partial.jsonl`) that line is dropped and rewritten later.
+    line_numbers: return (line number, record) pairs, for later checks that must name the line.
     """
     path = Path(path)
     if not path.is_file():
@@ -138,7 +140,7 @@ def read_jsonl(path, kind: str | None = None, unique: bool = True, allow_torn_ta
                 if key in seen:
                     raise StepError(f"{path}:{number}: duplicate id {key} (first seen on line {seen[key]})")
                 seen[key] = number
-        records.append(record)
+        records.append((number, record) if line_numbers else record)
     if torn.strip() and not allow_torn_tail:
         raise StepError(f"{path}:{len(lines) + 1}: last line is incomplete (no newline); the file was cut off")
     return records
@@ -212,7 +214,7 @@ def load_pairs(run_dir, split: str | None = None) -> list[dict]:
     tasks = {t["task_id"]: t for t in read_jsonl(data / "tasks.jsonl", "task")}
     personas = {p["persona_id"]: p for p in read_jsonl(data / "personas.jsonl", "persona")}
     pairs = []
-    for number, g in enumerate(read_jsonl(data / "gold.jsonl", "gold"), start=1):
+    for number, g in read_jsonl(data / "gold.jsonl", "gold", line_numbers=True):
         for kind, key, table in (("task", "task_id", tasks), ("persona", "persona_id", personas)):
             if g[key] not in table:
                 raise StepError(f"{data / 'gold.jsonl'}:{number}: names {kind} {g[key]!r}, "
@@ -258,6 +260,8 @@ def resumable(final: Path, kind: str, items: list, keys: list, size: int, desc: 
     `keys`) and the partial file removed. If `final` exists, it is read and nothing is computed.
     """
     final = Path(final)
+    if final.suffix != ".jsonl":
+        raise ValueError(f"{final}: resumable outputs are .jsonl files")
     if not final.exists():
         partial = final.with_name(final.name.replace(".jsonl", ".partial.jsonl"))
         done = {record_key(kind, r) for r in read_partial(partial, kind)}

