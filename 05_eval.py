@@ -25,7 +25,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from models import ModelPool
+from models import ModelPool, parse_spec
 from report import bootstrap_ci, load_metrics, min_detectable_effect, pair_outcome, win_rate, write_report
 from roles import JUDGE_PROMPT, JUDGE_SYSTEM, answer_view, parse_verdict
 from utils import (StepError, load_pairs, parse_args, questioner_adapter, record_args, resumable, run_main,
@@ -171,7 +171,10 @@ def main():
                          "controls", score(("task_id", "persona_id", "control")))
 
     # 4. The Judge compares m_t's answer with m0's, in both orders (cached calls).
+    # The verdict is parsed from the Judge's text. A local judge that wrote none (the embedded model rarely
+    # does) gives it as the likelier of "Verdict: A" and "Verdict: B" after its own comparison.
     judge = pool.chat(args.judge, call_cache=Path(args.cache_dir) / "judge_calls.jsonl")
+    judge_lm = pool.local(args.judge) if parse_spec(args.judge)[0] != "openai" else None
 
     def judged(folder, name, new: dict, old: dict):
         items, keys = [], []
@@ -184,8 +187,16 @@ def main():
 
         def make(_, chunk, chunk_keys):
             texts = judge.generate(chunk, max_new_tokens=args.judge_max_tokens, temperature=0.0, batch_size=args.batch_size)
-            return [{"task_id": k[0], "persona_id": k[1], "order": k[2], "judge": judge.name, "output": text,
-                     "verdict": parse_verdict(text)} for k, text in zip(chunk_keys, texts)]
+            records = [{"task_id": k[0], "persona_id": k[1], "order": k[2], "judge": judge.name, "output": text,
+                        "verdict": parse_verdict(text)} for k, text in zip(chunk_keys, texts)]
+            if judge_lm is not None:  # a local judge: read the verdict off its next-token likelihoods
+                ends = [f"{r['output']}\n\nVerdict: {x}" for r in records for x in "AB"]
+                lps = judge_lm.score([p for p in chunk for _ in "AB"], ends, batch_size=args.batch_size)
+                for r, (a, _), (b, _) in zip(records, lps[0::2], lps[1::2]):
+                    r["logprob_A"], r["logprob_B"] = a, b
+                    if r["verdict"] is None:
+                        r["verdict"], r["verdict_source"] = "A" if a > b else "B" if b > a else None, "likelihood"
+            return records
         records = resumable(folder / name, "judgment", items, keys, 2 * args.chunk_pairs, f"{folder.name} {name}", make)
         verdicts = {(r["task_id"], r["persona_id"], r["order"]): r["verdict"] for r in records}
         return [pair_outcome(verdicts[(*k, "new_first")], verdicts[(*k, "new_second")]) for k in sorted(new)]

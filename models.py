@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from decoding import generate_batch
 from utils import StepError, append_jsonl, read_partial
 
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -196,8 +197,9 @@ class LocalLM:
         self.spec = spec
         self.model, self.tokenizer = load_local(spec, cache_dir, load_in_4bit, trust_remote_code)
         self.system_ok = template_accepts_system(self.tokenizer)
+        eos = self.model.generation_config.eos_token_id  # e.g. Llama-3 and Gemma end turns with another token
+        self.stop_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.adapters = {}
-        self.lock = threading.Lock()
 
     @property
     def device(self):
@@ -234,24 +236,20 @@ class LocalLM:
     @torch.inference_mode()
     def generate(self, prompts, adapter=None, max_new_tokens=128, temperature=0.0, top_p=1.0, seed=0,
                  batch_size=16, desc=None):
-        """Batched chat generation: prompts sorted by length, left padded, one seed per batch."""
+        """Batched chat generation: prompts sorted by length, left padded, one seed per batch; rows that
+        finish leave the batch at once (decoding.generate_batch), so no compute goes to padding."""
         encoded = [encode_chat(self.tokenizer, p, system_ok=self.system_ok)[0] for p in prompts]
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
         outputs = [None] * len(encoded)
-        pad = self.tokenizer.pad_token_id
+        stop = {self.tokenizer.eos_token_id, *self.stop_ids}
         batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         with self.using(adapter):
             for b, rows in enumerate(tqdm(batches, desc=desc, leave=False, disable=desc is None)):
-                width = max(len(encoded[i]) for i in rows)
-                ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in rows])
-                mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in rows])
-                torch.manual_seed(seed + b)
-                sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 \
-                    else dict(do_sample=False)
-                out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                          max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling)
-                for row, i in enumerate(rows):
-                    outputs[i] = self.tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+                generator = torch.Generator(self.device).manual_seed(seed + b)
+                new = generate_batch(self.model, [encoded[i] for i in rows], max_new_tokens, stop,
+                                     self.tokenizer.pad_token_id, temperature, top_p, generator)
+                for i, ids in zip(rows, new):
+                    outputs[i] = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
         return outputs
 
     @torch.inference_mode()
@@ -333,7 +331,7 @@ class OpenAIChat:
     exponential backoff; permanent errors (bad key, unknown model) fail at once with a clear message.
     """
 
-    def __init__(self, model, base_url=None, timeout=120.0, max_retries=8, concurrency=8):
+    def __init__(self, model, base_url=None, timeout=120.0, max_retries=None, concurrency=8):
         import openai
 
         key = os.environ.get("OPENAI_API_KEY")
@@ -341,8 +339,8 @@ class OpenAIChat:
             raise StepError(f"openai:{model} needs an API key in the environment variable OPENAI_API_KEY "
                             "(any non-empty value for a local server that checks none)")
         self.base_url = base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
-        self.client = openai.OpenAI(api_key=key, base_url=self.base_url, timeout=timeout,
-                                    max_retries=max_retries)
+        retries = int(os.environ.get("STARGATE_MAX_RETRIES", 8)) if max_retries is None else max_retries
+        self.client = openai.OpenAI(api_key=key, base_url=self.base_url, timeout=timeout, max_retries=retries)
         self.model, self.concurrency, self.name = model, concurrency, f"openai:{model}"
         self.cache_id = f"{self.name}@{self.base_url}"  # the same model name on two servers is two models
         self.openai = openai

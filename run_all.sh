@@ -26,6 +26,15 @@ case "$PRESET" in
     TRAIN_FLAGS="--learning_rate 5e-4 --epochs 2 --batch_size 4 --grad_accum 1 --lora_r 8 --no_gradient_checkpointing"
     EVAL_FLAGS="--question_max_tokens 32 --answer_max_tokens 48 --final_max_tokens 96 --judge_max_tokens 64"
     ;;
+  smoke)   # the test suite's preset: the smallest sizes that still exercise every step (seconds per step)
+    QUESTIONER=embedded; ROLEPLAYER=embedded; ORACLE=embedded; JUDGE=embedded
+    ITERATIONS=2; N_TASKS="2 2 2"; N_PERSONAS="1 1 2"; N=2; TOP_K=1; TEST_PAIRS=4
+    GEN_FLAGS="--persona_max_tokens 48 --gold_max_tokens 24 --n_examples 1"
+    SIM_FLAGS="--question_max_tokens 12 --answer_max_tokens 12 --max_turns 2"
+    SELECT_FLAGS="--answer_max_tokens 16"
+    TRAIN_FLAGS="--learning_rate 1e-3 --epochs 1 --batch_size 2 --grad_accum 1 --lora_r 4"
+    EVAL_FLAGS="--question_max_tokens 12 --answer_max_tokens 12 --final_max_tokens 16 --judge_max_tokens 16"
+    ;;
   laptop)  # Mistral-7B-Instruct-v0.2 in 4-bit as Questioner and Roleplayer (one shared copy);
            # Oracle and Judge through an OpenAI-compatible API when OPENAI_API_KEY is set
     QUESTIONER=hf:mistralai/Mistral-7B-Instruct-v0.2; ROLEPLAYER=$QUESTIONER
@@ -44,7 +53,7 @@ case "$PRESET" in
     ITERATIONS=3; N_TASKS="250 250 50"; N_PERSONAS="50 50 10"; N=10; TOP_K=1; TEST_PAIRS=300
     GEN_FLAGS=""; SIM_FLAGS=""; SELECT_FLAGS=""; TRAIN_FLAGS=""; EVAL_FLAGS=""
     ;;
-  *) echo "unknown preset '$PRESET': use tiny, laptop or paper" >&2; exit 2 ;;
+  *) echo "unknown preset '$PRESET': use tiny, laptop, paper (or smoke, for the tests)" >&2; exit 2 ;;
 esac
 RUN_DIR="${RUN_DIR:-runs/$PRESET}"
 CACHE_DIR="${CACHE_DIR:-cache}"
@@ -80,14 +89,19 @@ if [ "$ABLATIONS" = "--ablations" ]; then
   done
 fi
 
-echo "== $RUN_DIR: evaluation =="
-python 05_eval.py --run_dir "$RUN_DIR" --iterations "$ITERATIONS" --questioner "$QUESTIONER" \
-  --roleplayer "$ROLEPLAYER" --judge "$JUDGE" --n_conversations "$N" --test_pairs "$TEST_PAIRS" \
-  $COMMON $EVAL_FLAGS
-for dir in "${EVAL_RUNS[@]}"; do
+evaluate() {  # $1 = run folder, then extra flags
+  local dir="$1"; shift
   python 05_eval.py --run_dir "$dir" --iterations "$ITERATIONS" --questioner "$QUESTIONER" \
     --roleplayer "$ROLEPLAYER" --judge "$JUDGE" --n_conversations "$N" --test_pairs "$TEST_PAIRS" \
-    --baseline_dir "$RUN_DIR" $COMMON $EVAL_FLAGS
-done
-[ ${#EVAL_RUNS[@]} -eq 0 ] || python 05_eval.py --report_only --run_dir "$RUN_DIR" --ablation_dirs "${EVAL_RUNS[@]}"
+    $COMMON $EVAL_FLAGS "$@"
+}
+echo "== $RUN_DIR: evaluation =="
+evaluate "$RUN_DIR"
+if [ ${#EVAL_RUNS[@]} -gt 0 ]; then
+  for dir in "${EVAL_RUNS[@]}"; do
+    echo "== $dir: evaluation (m0 shared with $RUN_DIR) =="
+    evaluate "$dir" --baseline_dir "$RUN_DIR"
+  done
+  evaluate "$RUN_DIR" --ablation_dirs "${EVAL_RUNS[@]}"  # everything cached: only the report is rewritten
+fi
 echo "Report: $RUN_DIR/eval/report.md (metrics: $RUN_DIR/eval/metrics.json)"

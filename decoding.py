@@ -1,0 +1,149 @@
+"""Batched decoding that drops finished rows, so no compute is spent on them (HF generate keeps them).
+
+`generate_batch` prefills a left-padded batch once, then runs a KV-cached decode loop in which a row
+that emits the end-of-sequence token (or reaches max_new_tokens) is removed from the batch: the cache,
+the attention mask and the positions are index-selected along the batch dimension. When the rows that
+remain all share some leading padding, those columns are cut from the cache and the mask as well.
+
+Greedy decoding (temperature == 0) reproduces HF `model.generate(do_sample=False)` token for token
+up to floating-point noise: a row in a padded batch can drift from the same row generated alone, as it
+does with HF's own batched generate, because the matmuls see different shapes (see bench/decode_bench.py).
+
+Sampling (temperature > 0) applies temperature, then top-p (nucleus) filtering as HF's
+TopPLogitsWarper does (keep the smallest set of tokens whose probability reaches top_p, at least one),
+and draws one token per row with torch.multinomial from the given generator. As with HF's batched
+sampling, which numbers a row receives depends on the batch composition (its position in the batch and
+which rows are still running), so a prompt's sample depends on what it was batched with; runs with the
+same batches, seed and thread count are reproducible.
+"""
+
+import inspect
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+
+def _forward_names(model):
+    """Keyword names the underlying causal LM accepts for the cache and for last-position-only logits."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PeftModel -> the LM
+    params = inspect.signature(base.forward).parameters
+    cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.x renamed it
+    logits_kw = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
+    return base, cache_kw, logits_kw
+
+
+def _pick(logits, temperature, top_p, generator, head_sizes=(256, 4096)):
+    """Next token per row from last-position logits [n, vocab].
+
+    Top-p keeps, in order of decreasing probability, every token whose preceding mass is < top_p (the
+    smallest head of the distribution reaching top_p, at least one token): the set transformers'
+    TopPLogitsWarper keeps, up to float rounding at the boundary. Sorting the whole vocabulary costs
+    ~4-7 ms per row on one CPU core, as much as a good part of the model's forward pass per row, so each
+    row's nucleus is looked for among its top 256 tokens (~0.2 ms), then its top 4096, and the full
+    sort is left to rows whose distribution is flatter than that.
+    """
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = (logits.float() / temperature).softmax(-1)
+    if top_p >= 1.0:
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    tokens = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+    todo = torch.arange(probs.shape[0], device=probs.device)  # rows still to sample
+    vocab = probs.shape[-1]
+    for k in [k for k in head_sizes if k < vocab] + [vocab]:
+        if k < vocab:
+            head, index = probs[todo].topk(k, dim=-1)  # sorted, most likely first
+            done = head.sum(-1) >= top_p  # the nucleus lies inside this head
+        else:
+            head, index = probs[todo].sort(dim=-1, descending=True)
+            done = torch.ones(len(todo), dtype=torch.bool, device=probs.device)
+        if done.any():
+            head, index = head[done], index[done]
+            before = head.cumsum(-1) - head  # mass of the more likely tokens; 0 for the first
+            weights = head.masked_fill(before >= top_p, 0.0)
+            choice = torch.multinomial(weights, 1, generator=generator)  # weights need not sum to 1
+            tokens[todo[done]] = index.gather(1, choice)[:, 0]
+            todo = todo[~done]
+        if len(todo) == 0:
+            break
+    return tokens
+
+
+def _trim_leading_padding(cache, mask):
+    """Cut the mask columns (and cache positions) that are padding for every remaining row.
+
+    Only done when every cache layer is a plain DynamicLayer (full attention, keys [b, h, seq, d]);
+    sliding-window or other layer types keep their own bookkeeping and are left alone.
+    """
+    if not all(type(layer) is DynamicLayer and layer.is_initialized for layer in cache.layers):
+        return mask
+    first_real = int(mask.argmax(-1).min())  # leading zeros of the least padded row (mask holds 0/1)
+    if first_real == 0:
+        return mask
+    for layer in cache.layers:
+        layer.keys = layer.keys[:, :, first_real:]
+        layer.values = layer.values[:, :, first_real:]
+    return mask[:, first_real:]
+
+
+def generate_batch(model, prompt_ids: list[list[int]], max_new_tokens: int, eos_token_id, pad_token_id: int,
+                   temperature: float = 0.0, top_p: float = 1.0,
+                   generator: torch.Generator | None = None) -> list[list[int]]:
+    """Generate continuations of token-id prompts; returns per row the new ids, up to and excluding eos.
+
+    model: a causal LM (transformers PreTrainedModel, or a peft PeftModel wrapping one), in eval mode.
+    eos_token_id: an int, or a collection of ints any of which ends a row.
+    temperature == 0: greedy. Otherwise temperature + top-p sampling drawn from `generator` (a
+    torch.Generator on the model's device, or None for torch's global generator); a row's sample
+    depends on its batch (see the module docstring). The caller chooses the batch (sorting prompts by
+    length keeps the padding small).
+    """
+    if not prompt_ids:
+        return []
+    if any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("generate_batch: every prompt needs at least one token")
+    outputs = [[] for _ in prompt_ids]
+    if max_new_tokens <= 0:
+        return outputs
+    eos = {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id}
+
+    base, cache_kw, logits_kw = _forward_names(model)
+    device = next(model.parameters()).device
+    extra = {logits_kw: 1} if logits_kw else {}
+
+    with torch.inference_mode():
+        width = max(map(len, prompt_ids))
+        ids = torch.tensor([[pad_token_id] * (width - len(p)) + list(p) for p in prompt_ids], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=device)
+        # Positions count real tokens only, as HF generate does (padding positions: 0, never attended).
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=base.config)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                    **{cache_kw: cache}, **extra)
+        logits = out.logits[:, -1, :]
+        next_position = mask.sum(-1, keepdim=True)  # [n, 1]: position of the token fed next
+        rows = list(range(len(prompt_ids)))  # original index of each row still in the batch
+
+        for step in range(max_new_tokens):
+            tokens = _pick(logits, temperature, top_p, generator)
+            keep = []
+            for j, (row, token) in enumerate(zip(rows, tokens.tolist())):
+                if token in eos:
+                    continue
+                outputs[row].append(token)
+                keep.append(j)
+            if not keep or step == max_new_tokens - 1:
+                break
+            if len(keep) < len(rows):  # drop finished rows everywhere before the next step
+                index = torch.tensor(keep, device=device)
+                cache.batch_select_indices(index)
+                mask, next_position, tokens = mask[index], next_position[index], tokens[index]
+                rows = [rows[j] for j in keep]
+                mask = _trim_leading_padding(cache, mask)
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=-1)
+            out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_position,
+                        use_cache=True, **{cache_kw: cache}, **extra)
+            logits = out.logits[:, -1, :]
+            next_position = next_position + 1
+    return outputs

@@ -1,0 +1,161 @@
+"""The whole method as a user runs it: `run_all.sh` (smoke preset: the tiny sizes of the test suite) on the
+embedded model, in subprocesses, then the same command again. Checks the records every step hands on."""
+
+import hashlib
+import json
+import os
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import LocalLM, embedded_model_dir
+from roles import answer_view
+from utils import load_pairs, read_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+N, TOP_K, ITERATIONS = 2, 1, 2  # as in run_all.sh's smoke preset
+
+
+def run_all(env, *extra):
+    done = subprocess.run(["bash", "run_all.sh", "smoke", *extra], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=1500)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, model_cache):
+    root = tmp_path_factory.mktemp("smoke")
+    # Share the dequantized embedded model; keep this run's Oracle and Judge call caches apart.
+    cache = root / "cache"
+    cache.mkdir()
+    (cache / "SmolLM2-135M-Instruct").symlink_to(embedded_model_dir(model_cache).resolve())
+    env = dict(os.environ, RUN_DIR=str(root / "run"), CACHE_DIR=str(cache))
+    stdout = run_all(env, "--ablations")
+    return root / "run", cache, env, stdout
+
+
+def test_data_has_the_requested_splits_and_a_gold_response_per_pair(smoke):
+    run = smoke[0]
+    tasks = read_jsonl(run / "data" / "tasks.jsonl", "task")
+    personas = read_jsonl(run / "data" / "personas.jsonl", "persona")
+    gold = read_jsonl(run / "data" / "gold.jsonl", "gold")
+    assert Counter(t["split"] for t in tasks) == {"A": 2, "B": 2, "test": 2}
+    assert Counter(p["split"] for p in personas) == {"A": 1, "B": 1, "test": 2}
+    assert len({p["name"] for p in personas}) == len(personas)  # unique first names
+    assert all(p["bio"].strip() for p in personas)
+    split_of = {t["task_id"]: t["split"] for t in tasks} | {p["persona_id"]: p["split"] for p in personas}
+    # Every task x every persona of its split, nothing across splits.
+    assert sorted((g["task_id"], g["persona_id"]) for g in gold) == sorted(
+        (t["task_id"], p["persona_id"]) for t in tasks for p in personas if t["split"] == p["split"])
+    assert all(split_of[g["task_id"]] == split_of[g["persona_id"]] == g["split"] for g in gold)
+
+
+@pytest.mark.parametrize("iteration,split", [(0, "A"), (1, "B")])
+def test_conversations_alternate_and_share_their_pairs_length(smoke, iteration, split):
+    run = smoke[0]
+    pairs = {(p["task_id"], p["persona_id"]) for p in load_pairs(run, split)}
+    convs = read_jsonl(run / f"iter{iteration}" / "conversations.jsonl", "conversation")
+    assert sorted((c["task_id"], c["persona_id"], c["conv_id"]) for c in convs) == sorted(
+        (*p, n) for p in pairs for n in range(N))
+    for c in convs:
+        roles = [m["role"] for m in c["messages"]]
+        assert roles == ["assistant", "user"] * c["n_turns"]  # each turn: one question, one answer
+        assert 1 <= c["n_turns"] <= 2 and c["iteration"] == iteration
+        assert c["sampling"]["questioner"]["temperature"] == 0.9 and c["sampling"]["roleplayer"]["temperature"] == 0
+    turns = {}
+    for c in convs:
+        turns.setdefault((c["task_id"], c["persona_id"]), set()).add(c["n_turns"])
+    assert all(len(t) == 1 for t in turns.values())  # the N conversations of a pair have one length
+    assert convs[0]["questioner"] == ("embedded" if iteration == 0 else f"embedded+m{iteration}")
+
+
+@pytest.mark.parametrize("iteration", [0, 1])
+def test_selection_keeps_the_best_conversation_and_trains_on_the_questioner_only(smoke, iteration):
+    folder = smoke[0] / f"iter{iteration}"
+    scores = read_jsonl(folder / "scores.jsonl", "score")
+    sft = read_jsonl(folder / "sft.jsonl", "sft")
+    assert len(scores) == len(read_jsonl(folder / "conversations.jsonl", "conversation"))
+    assert all(s["logprob"] < 0 and s["n_tokens"] > 0 for s in scores)
+    best = {}
+    for s in sorted(scores, key=lambda s: (-s["logprob"], s["conv_id"])):
+        best.setdefault((s["task_id"], s["persona_id"]), s["conv_id"])
+    assert {(r["task_id"], r["persona_id"]): r["conv_id"] for r in sft} == best
+    for r in sft:
+        assert r["target"] == "own" and r["messages"][-1]["role"] == "assistant"
+        assert all(m["train"] == (m["role"] == "assistant") for m in r["messages"])
+
+
+def test_scores_come_from_the_base_model_even_with_adapters_loaded(smoke, model_cache):
+    # 05_eval scored m1's test conversations with the m1 and m2 adapters attached to the shared model.
+    run = smoke[0]
+    fresh = LocalLM("embedded", cache_dir=model_cache)
+    pairs = {(p["task_id"], p["persona_id"]): p for p in load_pairs(run, "test")}
+    convs = {(c["task_id"], c["persona_id"], c["conv_id"]): c
+             for c in read_jsonl(run / "eval" / "m1" / "conversations.jsonl", "conversation")}
+    for s in read_jsonl(run / "eval" / "m1" / "scores.jsonl", "score")[:3]:
+        pair, conv = pairs[(s["task_id"], s["persona_id"])], convs[(s["task_id"], s["persona_id"], s["conv_id"])]
+        (logprob, _), = fresh.score([answer_view(pair["name"], pair["task"], conv["messages"])], [pair["gold"]])
+        assert logprob == pytest.approx(s["logprob"], abs=1e-2)
+
+
+def test_each_iteration_leaves_a_peft_adapter(smoke):
+    from safetensors.torch import load_file
+
+    for t in range(ITERATIONS):
+        adapter = smoke[0] / f"iter{t}" / "adapter"
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        assert config["peft_type"] == "LORA"
+        weights = load_file(adapter / "adapter_model.safetensors")
+        assert weights and all(torch.isfinite(w).all() for w in weights.values())
+        assert not (smoke[0] / f"iter{t}" / "checkpoints").exists()
+
+
+def test_evaluation_writes_metrics_report_and_plots(smoke):
+    run, _, _, stdout = smoke
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert metrics["test_pairs"] == 4
+    for t in range(1, ITERATIONS + 1):
+        m = metrics["models"][f"m{t}"]
+        w = m["win_rate"]
+        assert w["n"] + w["unparseable"] == 4 and w["wins"] + w["ties"] + w["losses"] == w["n"]
+        assert len(read_jsonl(run / "eval" / f"m{t}" / "judgments.jsonl", "judgment")) == 8  # both orders
+        assert m["gain_over_m0"]["n"] == 4 and "asks_only" in m
+    assert set(metrics["controls"]) == {"no_conversation", "persona_in_context", "other_persona"}
+    report = (run / "eval" / "report.md").read_text()
+    assert "Win rate against m0" in report and "*paper*" in report and "Ablations" in report
+    for plot in ("winrate.png", "logprob.png"):
+        assert (run / "eval" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"Report: {run}/eval/report.md" in stdout
+
+
+def test_ablations_share_data_and_m0_but_train_on_their_own_targets(smoke):
+    run = smoke[0]
+    for target in ("gold", "none"):
+        other = Path(f"{run}-{target}")
+        assert (other / "data").resolve() == (run / "data").resolve()
+        sft = read_jsonl(other / "iter0" / "sft.jsonl", "sft")
+        assert all(r["target"] == target for r in sft)
+        if target == "none":  # questions only: the record ends on the Roleplayer's answer
+            assert all(r["messages"][-1]["role"] == "user" for r in sft)
+        else:
+            gold = {(g["task_id"], g["persona_id"]): g["gold"] for g in read_jsonl(run / "data" / "gold.jsonl", "gold")}
+            assert all(r["messages"][-1]["content"] == gold[(r["task_id"], r["persona_id"])] for r in sft)
+        assert (other / "eval" / "m0" / "answers.jsonl").read_text() == (run / "eval" / "m0" / "answers.jsonl").read_text()
+
+
+def test_a_second_run_recomputes_nothing(smoke):
+    run, cache, env, _ = smoke
+
+    def snapshot():
+        files = [p for d in (run, Path(f"{run}-gold"), Path(f"{run}-none"), cache) for p in sorted(d.rglob("*"))
+                 if p.is_file() and "SmolLM2" not in str(p) and p.suffix in (".jsonl", ".safetensors")]
+        return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+    before = snapshot()
+    stdout = run_all(env, "--ablations")
+    assert snapshot() == before  # no record, adapter or cached Oracle/Judge call was made again
+    assert stdout.count("nothing to do") >= 1 + 3 * 3 * ITERATIONS - 2

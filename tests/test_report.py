@@ -1,0 +1,63 @@
+"""Evaluation arithmetic: both-order verdicts, ties, win rates, intervals; and top-k selection."""
+
+import importlib
+
+import pytest
+
+from report import bootstrap_ci, min_detectable_effect, pair_outcome, win_rate
+
+select = importlib.import_module("03_select")
+
+
+def test_pair_outcome_reads_both_orders():
+    # Order 1 shows the new model as A, order 2 shows it as B.
+    assert pair_outcome("A", "B") == 1.0      # new model chosen both times: a win
+    assert pair_outcome("B", "A") == 0.0      # baseline chosen both times: a loss
+    assert pair_outcome("A", "A") == 0.5      # the judge picked the first position both times: a tie
+    assert pair_outcome("B", "B") == 0.5
+    assert pair_outcome(None, "B") is None    # unparseable: recorded, never guessed
+    assert pair_outcome("A", None) is None
+
+
+def test_win_rate_counts_ties_half_and_reports_consistency():
+    outcomes = [1.0, 1.0, 1.0, 0.0, 0.5, None]
+    result = win_rate(outcomes, n_boot=500)
+    assert result["win_rate"] == pytest.approx(100 * 3.5 / 5)
+    assert (result["wins"], result["losses"], result["ties"], result["unparseable"]) == (3, 1, 1, 1)
+    assert result["n"] == 5
+    assert result["order_consistency"] == pytest.approx(4 / 5)
+    lo, hi = result["ci95"]
+    assert 0 <= lo <= result["win_rate"] <= hi <= 100
+
+
+def test_win_rate_with_nothing_parseable():
+    result = win_rate([None, None])
+    assert result["win_rate"] is None and result["unparseable"] == 2 and result["n"] == 0
+
+
+def test_bootstrap_interval_narrows_with_more_data_and_is_degenerate_for_constants():
+    assert bootstrap_ci([2.0] * 10) == [2.0, 2.0]
+    small = bootstrap_ci([0.0, 1.0] * 5, n_boot=1000)
+    large = bootstrap_ci([0.0, 1.0] * 200, n_boot=1000)
+    assert small[0] < 0.5 < small[1] and large[0] < 0.5 < large[1]
+    assert large[1] - large[0] < small[1] - small[0]
+    assert bootstrap_ci([]) == [None, None]
+
+
+def test_min_detectable_effect_shrinks_with_sample_size():
+    diffs = [(-1) ** i * 7.0 for i in range(40)]
+    mde_40 = min_detectable_effect(diffs)
+    assert mde_40 == pytest.approx(2.8 * (sum(d * d for d in diffs) / 39) ** 0.5 / 40 ** 0.5)
+    assert min_detectable_effect(diffs * 4) < mde_40
+    assert min_detectable_effect([1.0]) is None
+
+
+def test_top_k_keeps_the_best_per_pair_and_breaks_ties_by_conv_id():
+    scores = [{"task_id": "t1", "persona_id": "p1", "conv_id": c, "logprob": lp}
+              for c, lp in enumerate([-10.0, -3.0, -3.0, -7.0])]
+    scores += [{"task_id": "t0", "persona_id": "p1", "conv_id": c, "logprob": lp}
+               for c, lp in enumerate([-1.0, -2.0])]
+    kept = select.top_k(scores, 1)
+    assert [(s["task_id"], s["conv_id"]) for s in kept] == [("t0", 0), ("t1", 1)]
+    kept = select.top_k(list(reversed(scores)), 2)  # input order does not matter
+    assert [(s["task_id"], s["conv_id"]) for s in kept] == [("t0", 0), ("t0", 1), ("t1", 1), ("t1", 2)]
