@@ -111,14 +111,16 @@ def main():
             finals = [pairs[k[:2]]["gold"] for k in keys]
         records = []
         for i, (k, s, c) in enumerate(zip(keys, chunk, convs)):
-            # Loss on the Questioner's turns (questions and final answer); never on system or user turns.
+            # Loss on the Questioner's own turns (questions, final answer); never on system, user or example turns.
             if args.target == "none":
                 messages = questioner_view(pairs[k[:2]]["name"], pairs[k[:2]]["task"], c["messages"])
             else:
                 messages = views[i] + [{"role": "assistant", "content": finals[i].strip()}]
+            fixed = len(questioner_view(pairs[k[:2]]["name"], pairs[k[:2]]["task"], []))  # instructions, example
             records.append({"task_id": k[0], "persona_id": k[1], "conv_id": k[2], "iteration": args.iteration,
                             "logprob": s["logprob"], "target": args.target, "answerer": questioner.name,
-                            "messages": [dict(m, train=m["role"] == "assistant") for m in messages]})
+                            "messages": [dict(m, train=i >= fixed and m["role"] == "assistant")
+                                         for i, m in enumerate(messages)]})
         return records
 
     keys = [record_key("score", s) for s in kept]

@@ -413,27 +413,23 @@ class CachedChat:
         keys = [self.key(p, settings, seed + i) for i, p in enumerate(prompts)]
         todo = [i for i, k in enumerate(keys) if k not in self.done]
         if todo:
-            def remember(j, text):
+            def remember(results):  # [(j, text)]: written in one append, so a batch is cached whole or not at all
                 with self.lock:
-                    self.done[keys[todo[j]]] = text
-                    append_jsonl(self.path, [{"key": keys[todo[j]], "output": text}])
+                    for j, text in results:
+                        self.done[keys[todo[j]]] = text
+                    append_jsonl(self.path, [{"key": keys[todo[j]], "output": text} for j, text in results])
 
-            texts = self._generate([prompts[i] for i in todo], settings, [seed + i for i in todo],
-                                   batch_size, desc, remember)
-            for j, text in enumerate(texts):
-                if keys[todo[j]] not in self.done:
-                    remember(j, text)
+            self._generate([prompts[i] for i in todo], settings, [seed + i for i in todo], batch_size, desc, remember)
         return [self.done[k] for k in keys]
 
     def _generate(self, prompts, settings, seeds, batch_size, desc, remember):
         if isinstance(self.inner, OpenAIChat):  # per-request seeds; each result cached as it arrives
-            return self.inner.generate(prompts, seeds=seeds, desc=desc, on_result=remember, **settings)
-        # Local models: one call per batch (seeded by its first request), cached as each batch ends.
-        outputs = []
+            self.inner.generate(prompts, seeds=seeds, desc=desc, on_result=lambda j, text: remember([(j, text)]),
+                                **settings)
+            return
+        # Local models: one call per batch (seeded by its first request), cached as each batch ends. The
+        # batches are the same on a rerun (cached batches are whole), so a resumed run samples the same text.
         for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, disable=desc is None):
             texts = self.inner.generate(prompts[start:start + batch_size], seed=seeds[start],
                                         batch_size=batch_size, **settings)
-            for j, text in enumerate(texts, start=start):
-                remember(j, text)
-            outputs += texts
-        return outputs
+            remember(list(enumerate(texts, start=start)))

@@ -21,6 +21,18 @@ QUESTIONER_SYSTEM = (
     "\"Who will be coming with you?\", \"What did you enjoy about the last one you tried?\""
 )
 
+# A worked example shown to the Questioner as earlier chat turns, before the real request. Small models
+# imitate turns far more than they follow instructions: with it the embedded model's first turn is a
+# question ~95% of the time, without it ~20% (measured on 24 tasks). These turns are never trained on.
+QUESTIONER_EXAMPLES = [
+    {"role": "user", "content": "Hi, I'm Sam. Can you recommend a movie for tonight?"},
+    {"role": "assistant", "content": "What kinds of movies do you usually enjoy?"},
+    {"role": "user", "content": "Mostly old science-fiction films, the slower the better."},
+    {"role": "assistant", "content": "Will you be watching alone or with others?"},
+    {"role": "user", "content": "Hi, I'm Lee. Help me plan a birthday dinner."},
+    {"role": "assistant", "content": "Who is the dinner for, and what food do they like?"},
+]
+
 ROLEPLAYER_SYSTEM = (
     "You are role-playing this person. Speak as them, in the first person:\n\n{bio}\n\n"
     "An assistant is helping you with this request of yours: \"{task}\". It will ask you questions. "
@@ -68,8 +80,8 @@ def first_turn(name: str, task: str) -> str:
 
 
 def questioner_view(name: str, task: str, dialogue: list[dict]) -> list[dict]:
-    """What the Questioner sees: its instructions, the user's request, then the dialogue so far."""
-    return [{"role": "system", "content": QUESTIONER_SYSTEM},
+    """What the Questioner sees: its instructions and example, the user's request, the dialogue so far."""
+    return [{"role": "system", "content": QUESTIONER_SYSTEM}, *QUESTIONER_EXAMPLES,
             {"role": "user", "content": first_turn(name, task)}] + dialogue
 
 

@@ -9,7 +9,9 @@ First a quick correctness check (greedy, 4 prompts): generate_batch must equal H
 for each prompt alone, and for the 4 prompts batched with left padding. Then the timings, all on the same
 prompts, sorted longest first (as LocalLM.generate does), sampling at T 0.9, top_p 0.9, one seed per batch.
 HF one-prompt-at-a-time runs on the first --single_n prompts only (it is slow); a rate is a rate.
-Timings are wall-clock: other processes on the machine inflate them (the load average is printed).
+Timings are wall-clock: other processes on the machine inflate them (the load average is printed), and
+badly so with 2 torch threads on 2 busy cores (up to 20x slower than 1 thread): use --threads 1 on a shared
+machine. CPU s is the process's CPU time (with 1 thread, a measure less sensitive to other load).
 """
 
 import argparse
@@ -135,18 +137,18 @@ def main():
 
     rows = []
     for name, fn, n in runs:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         outputs, row_steps = fn()
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         useful = sum(map(len, outputs))
-        rows.append((name, n, useful, row_steps, seconds))
+        rows.append((name, n, useful, row_steps, seconds, cpu))
         print(f"  {name}: {useful} useful tokens in {seconds:.1f} s = {useful / seconds:.1f} tok/s "
               f"(load {os.getloadavg()[0]:.1f})", flush=True)
 
-    print(f"\n| method | prompts | useful tokens | row-steps decoded | seconds | useful tok/s |")
-    print("|---|---|---|---|---|---|")
-    for name, n, useful, row_steps, seconds in rows:
-        print(f"| {name} | {n} | {useful} | {row_steps} | {seconds:.1f} | {useful / seconds:.1f} |")
+    print(f"\n| method | prompts | useful tokens | row-steps decoded | wall s | useful tok/s | CPU s |")
+    print("|---|---|---|---|---|---|---|")
+    for name, n, useful, row_steps, seconds, cpu in rows:
+        print(f"| {name} | {n} | {useful} | {row_steps} | {seconds:.1f} | {useful / seconds:.1f} | {cpu:.1f} |")
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 

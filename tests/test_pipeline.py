@@ -84,9 +84,14 @@ def test_selection_keeps_the_best_conversation_and_trains_on_the_questioner_only
     for s in sorted(scores, key=lambda s: (-s["logprob"], s["conv_id"])):
         best.setdefault((s["task_id"], s["persona_id"]), s["conv_id"])
     assert {(r["task_id"], r["persona_id"]): r["conv_id"] for r in sft} == best
+    turns = {(c["task_id"], c["persona_id"], c["conv_id"]): c["n_turns"]
+             for c in read_jsonl(folder / "conversations.jsonl", "conversation")}
     for r in sft:
         assert r["target"] == "own" and r["messages"][-1]["role"] == "assistant"
-        assert all(m["train"] == (m["role"] == "assistant") for m in r["messages"])
+        trained = [m for m in r["messages"] if m["train"]]
+        assert all(m["role"] == "assistant" for m in trained)  # never system, user or the fixed example
+        assert len(trained) == turns[(r["task_id"], r["persona_id"], r["conv_id"])] + 1  # questions + answer
+        assert trained[-1] is r["messages"][-1]
 
 
 def test_scores_come_from_the_base_model_even_with_adapters_loaded(smoke, model_cache):
