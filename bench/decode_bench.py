@@ -100,7 +100,7 @@ def check_greedy(model, prompts, pad, eos, max_new_tokens=24):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n_prompts", type=int, default=64)
-    parser.add_argument("--single_n", type=int, default=8, help="prompts for HF one-at-a-time")
+    parser.add_argument("--single_n", type=int, default=4, help="prompts for HF one-at-a-time")
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.9)
     parser.add_argument("--top_p", type=float, default=0.9)

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -42,10 +43,16 @@ def wait_ready(base_url: str, process: subprocess.Popen, log: Path, timeout: flo
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"llama.cpp server exited with {process.returncode}:\n{tail(log)}")
-        with contextlib.suppress(OSError):
+        try:
             with urllib.request.urlopen(f"{base_url}/models", timeout=2) as reply:
                 if reply.status == 200:
                     return
+        except urllib.error.HTTPError as error:  # started with --api_key: it answers, so the model is loaded
+            error.close()
+            if error.code == 401:
+                return
+        except OSError:
+            pass
         time.sleep(0.2)
     raise RuntimeError(f"llama.cpp server not ready after {timeout:.0f} s:\n{tail(log)}")
 
@@ -55,15 +62,19 @@ def tail(log: Path, chars: int = 4000) -> str:
 
 
 @contextlib.contextmanager
-def llama_server(model: Path, log: Path, n_ctx: int = 2048, n_threads: int = 1, timeout: float = 60.0):
+def llama_server(model: Path, log: Path, n_ctx: int = 2048, n_threads: int = 1, timeout: float = 60.0,
+                 extra_args=()):
     """Yield the base URL (http://127.0.0.1:PORT/v1) of a running server; stop it at the end.
+
+    extra_args: more `llama_cpp.server` arguments, e.g. ("--api_key", "secret").
 
     One thread by default: tests share a few cores with other processes, and llama.cpp's threads
     spin-wait for each other, which turns a busy machine into ten-second stalls.
     """
     port = free_port()
     command = [sys.executable, __file__, "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
-               "--n_ctx", str(n_ctx), "--n_threads", str(n_threads), "--n_threads_batch", str(n_threads)]
+               "--n_ctx", str(n_ctx), "--n_threads", str(n_threads), "--n_threads_batch", str(n_threads),
+               *map(str, extra_args)]
     base_url = f"http://127.0.0.1:{port}/v1"
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
