@@ -4,7 +4,8 @@ Run as a script it *is* `python -m llama_cpp.server` (same arguments), with one 
 extra CPU buffer types (AMX and weight repacking) are switched off. llama.cpp built with -march=native
 on a machine whose CPU advertises AMX crashes with SIGILL on the first completion (`tileloadd`) when the
 virtual machine does not really enable AMX; /v1/models still answers, so the crash shows up only later.
-Plain CPU kernels give the same model, a little slower.
+Plain CPU kernels give the same model, a little slower. With --no_prefix_reuse (this script's own flag)
+every prompt is evaluated from scratch, so an answer does not depend on the requests before it.
 """
 
 import contextlib
@@ -19,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+NO_PREFIX_REUSE = "--no_prefix_reuse"  # an extra argument of this script, not of llama_cpp.server
 
 
 def gguf_path() -> Path | None:
@@ -66,7 +68,8 @@ def llama_server(model: Path, log: Path, n_ctx: int = 2048, n_threads: int = 1, 
                  extra_args=()):
     """Yield the base URL (http://127.0.0.1:PORT/v1) of a running server; stop it at the end.
 
-    extra_args: more `llama_cpp.server` arguments, e.g. ("--api_key", "secret").
+    extra_args: more `llama_cpp.server` arguments, e.g. ("--api_key", "secret"), and this script's own
+    "--no_prefix_reuse" (every prompt evaluated from scratch: answers independent of earlier requests).
 
     One thread by default: tests share a few cores with other processes, and llama.cpp's threads
     spin-wait for each other, which turns a busy machine into ten-second stalls.
@@ -95,6 +98,26 @@ def stop(process: subprocess.Popen):
             process.wait()
 
 
+def evaluate_every_prompt_in_full():
+    """Make each completion a function of its request alone (for tests that compare runs).
+
+    llama-cpp-python keeps the previous request's KV cache and evaluates only the part of a new prompt
+    after the shared prefix; a prompt sent twice in a row (a retry) is then re-evaluated as one token.
+    The logits depend on how the prompt was cut into batches (measured: log-probs differing by 0.03 for
+    the same request), so a greedy answer can change with what the server did before. Resetting the
+    cache before every request costs a full prompt evaluation and makes the answers repeatable.
+    """
+    import llama_cpp
+
+    generate = llama_cpp.Llama.generate
+
+    def generate_from_scratch(self, tokens, *args, **kwargs):
+        self.reset()
+        return generate(self, tokens, *args, **kwargs)
+
+    llama_cpp.Llama.generate = generate_from_scratch
+
+
 def main():
     import llama_cpp.llama_cpp as bindings
 
@@ -107,6 +130,9 @@ def main():
 
     if os.environ.get("LLAMA_SERVER_EXTRA_BUFTS") != "1":  # =1: llama.cpp's defaults, unchanged
         bindings.llama_model_default_params = without_extra_buffer_types
+    if NO_PREFIX_REUSE in sys.argv:
+        sys.argv.remove(NO_PREFIX_REUSE)
+        evaluate_every_prompt_in_full()
     from llama_cpp.server.__main__ import main as server_main
 
     sys.argv[0] = "llama_cpp.server"

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,7 @@ GENERATE_ARGS = ["--n_tasks", "2", "1", "1", "--n_personas", "1", "1", "1", "--p
 EVAL_ARGS = ["--iterations", "1", "--n_conversations", "1", "--test_pairs", "1", "--question_max_tokens", "8",
              "--answer_max_tokens", "8", "--final_max_tokens", "12", "--judge_max_tokens", "12"]
 JUDGMENT_FILES = ("judgments.jsonl", "judgments_asks_only.jsonl")
+ADAPTER_STD = 0.5  # m1's LoRA B, on every linear layer: m1 writes its own (garbled) answers, unlike m0's
 
 
 def step_env(key=DUMMY_KEY):
@@ -116,8 +118,11 @@ def dummy_key(monkeypatch):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    """Every prompt evaluated from scratch, so an answer depends on its request only, not on what the server
+    did before (a retry straight after the lost answer would otherwise reuse that prompt's KV cache and can
+    answer differently): the outputs of a faulted and a fault-free run are then comparable exactly."""
     log = tmp_path_factory.mktemp("llama_server") / "server.log"
-    with llama_server(GGUF, log) as base_url:
+    with llama_server(GGUF, log, extra_args=["--no_prefix_reuse"]) as base_url:
         yield base_url
 
 
@@ -144,30 +149,46 @@ def reference(server, tmp_path_factory):
 
 def test_client_retries_every_fault_kind_including_its_own_timeout(server, tmp_path):
     """In process, so the client's timeout can be short: a "stall" (no answer within the timeout) is
-    retried like the rest, and the cache then answers everything without a request."""
+    retried like the rest, and the cache then answers everything without a request. One request at a
+    time, so that no request waits behind others long enough to time out for a reason of its own."""
     prompts = [[{"role": "user", "content": f"Name {n} colours."}] for n in range(2, 8)]
     expected = OpenAIChat("smollm", server).generate(prompts, max_new_tokens=8, temperature=1.0, seed=5)
     kinds = ("429", "500", "503", "drop", "truncate", "slow", "stall")
-    with FaultProxy(server, fault_rate=0.6, kinds=kinds, seed=3, slow_delay=0.5, stall_delay=3.0) as faulty:
+    with FaultProxy(server, fault_rate=0.6, kinds=kinds, seed=3, slow_delay=0.5, stall_delay=4.0) as faulty:
         cache = tmp_path / "calls.jsonl"
-        chat = CachedChat(OpenAIChat("smollm", faulty.base_url, timeout=1.5, max_retries=10), cache)
+        client = OpenAIChat("smollm", faulty.base_url, timeout=2.5, max_retries=10, concurrency=1)
+        chat = CachedChat(client, cache)
         assert chat.generate(prompts, max_new_tokens=8, temperature=1.0, seed=5) == expected
         assert_faulted_and_paid_once(faulty.stats(), len(prompts), kinds)
         assert len(cache.read_text().splitlines()) == len(prompts)
 
         faulty.reset()
-        rerun = CachedChat(OpenAIChat("smollm", faulty.base_url, timeout=1.5, max_retries=0), cache)
+        rerun = CachedChat(OpenAIChat("smollm", faulty.base_url, timeout=2.5, max_retries=0), cache)
         assert rerun.generate(prompts, max_new_tokens=8, temperature=1.0, seed=5) == expected
         assert faulty.stats()["received"] == 0
     assert DUMMY_KEY not in cache.read_text()
 
 
-def test_the_fault_schedule_is_deterministic(server):
-    body = json.dumps({"model": "m", "messages": []}).encode()
+def test_the_server_answers_a_repeated_request_identically(server):
+    """What makes a faulted run comparable with a fault-free one: the same request, sent again straight
+    after itself (as a retry after a lost answer is), gets the same log-probs, not just the same text."""
+    body = json.dumps({"model": "smollm", "max_tokens": 4, "temperature": 0.0, "logprobs": True,
+                       "top_logprobs": 2, "messages": [{"role": "user", "content": "Name a river."}]}).encode()
+    answers = []
+    for _ in range(2):
+        request = urllib.request.Request(f"{server}/chat/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            answers.append(json.loads(reply.read())["choices"][0]["logprobs"])
+    assert answers[0] == answers[1]
+
+
+def test_the_fault_schedule_is_deterministic():
+    digest = body_hash(json.dumps({"model": "m", "messages": []}).encode())
     schedules = []
     for _ in range(2):
-        with FaultProxy(server, fault_rate=0.5, seed=7) as faulty:
-            schedules.append([faulty._decide(body_hash(body))[0] for _ in range(40)])
+        faulty = FaultProxy("http://127.0.0.1:9/v1", fault_rate=0.5, seed=7)  # never started: no upstream needed
+        schedules.append([faulty._decide(digest)[0] for _ in range(40)])
     assert schedules[0] == schedules[1]
     faulted = [k for k in schedules[0] if k]
     assert len(faulted) >= 0.3 * 40 and set(faulted) == {"429", "500", "503", "drop", "truncate", "slow"}
@@ -209,8 +230,8 @@ def test_generate_step_survives_faults_and_a_rerun_pays_for_nothing(reference, p
 
 @pytest.fixture(scope="module")
 def eval_inputs(reference, tmp_path_factory, model_cache):
-    """What 05_eval.py needs without training: the reference run's data and a random LoRA adapter for m1
-    (B initialised at random, so m1 differs from m0)."""
+    """What 05_eval.py needs without training: the reference run's data and a LoRA adapter for m1 with
+    random (seeded) A and B, so that m1 differs from m0 (peft starts B at zero: no change at all)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -218,13 +239,14 @@ def eval_inputs(reference, tmp_path_factory, model_cache):
     root = tmp_path_factory.mktemp("eval_inputs")
     model_dir = embedded_model_dir(model_cache).resolve()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                             task_type="CAUSAL_LM"))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    with torch.random.fork_rng():  # A is initialised from torch's global generator: seed it, locally
+        torch.manual_seed(0)
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                 task_type="CAUSAL_LM"))
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(0.0, ADAPTER_STD)
     model.save_pretrained(root / "adapter")
     assert (root / "adapter" / "adapter_config.json").exists()
     shutil.copytree(reference[0] / "data", root / "data")
@@ -243,8 +265,8 @@ def eval_run(eval_inputs, folder: Path):
 
 
 def judgments(run):
-    return {name: [(r["task_id"], r["persona_id"], r["order"], r["output"], r["verdict"])
-                   for r in lines(run / "eval" / "m1" / name)] for name in JUDGMENT_FILES}
+    """m1's judgment records (ids, order, judge, output, verdict), both files."""
+    return {name: lines(run / "eval" / "m1" / name) for name in JUDGMENT_FILES}
 
 
 def test_eval_step_survives_judge_faults_and_a_rerun_pays_for_nothing(eval_inputs, server, proxy, tmp_path,
@@ -252,8 +274,11 @@ def test_eval_step_survives_judge_faults_and_a_rerun_pays_for_nothing(eval_input
     ref_run, ref_cache = eval_run(eval_inputs, tmp_path / "reference")
     reference_done = ok(evaluate(ref_run, ref_cache, server))
     expected = judgments(ref_run)
-    n_calls = sum(map(len, expected.values()))  # 1 pair x 2 orders, for m1's answers and for m0's
-    assert n_calls == 4
+    # 1 pair x 2 orders, for m1's answers and for m0's answers after m1's conversations; four different
+    # Judge prompts as long as m1 answers differently from m0 (a file of identical prompts would share calls).
+    n_calls = len(lines(ref_cache / "judge_calls.jsonl"))
+    assert sum(map(len, expected.values())) == n_calls == 4, (lines(ref_run / "eval" / "m1" / "answers.jsonl"),
+                                                              lines(ref_run / "eval" / "m1" / "answers_m0.jsonl"))
 
     run, cache = eval_run(eval_inputs, tmp_path / "faulted")
     proxy.reset()

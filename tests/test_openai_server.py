@@ -44,7 +44,7 @@ PROMPTS = [
 def server(tmp_path_factory):
     """Base URL of a llama.cpp server shared by the module's tests."""
     log = tmp_path_factory.mktemp("llama_server") / "server.log"
-    with llama_server(GGUF, log) as base_url:
+    with llama_server(GGUF, log, extra_args=["--no_prefix_reuse"]) as base_url:
         yield base_url
 
 
