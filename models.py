@@ -339,7 +339,10 @@ class OpenAIChat:
             raise StepError(f"openai:{model} needs an API key in the environment variable OPENAI_API_KEY "
                             "(any non-empty value for a local server that checks none)")
         self.base_url = base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
-        retries = int(os.environ.get("STARGATE_MAX_RETRIES", 8)) if max_retries is None else max_retries
+        retries = os.environ.get("STARGATE_MAX_RETRIES", "8") if max_retries is None else str(max_retries)
+        if not retries.isdigit():
+            raise StepError(f"STARGATE_MAX_RETRIES must be a whole number (got {retries!r})")
+        retries = int(retries)
         self.client = openai.OpenAI(api_key=key, base_url=self.base_url, timeout=timeout, max_retries=retries)
         self.model, self.concurrency, self.name = model, concurrency, f"openai:{model}"
         self.cache_id = f"{self.name}@{self.base_url}"  # the same model name on two servers is two models

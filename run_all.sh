@@ -28,12 +28,12 @@ case "$PRESET" in
     ;;
   smoke)   # the test suite's preset: the smallest sizes that still exercise every step (seconds per step)
     QUESTIONER=embedded; ROLEPLAYER=embedded; ORACLE=embedded; JUDGE=embedded
-    ITERATIONS=2; N_TASKS="2 2 2"; N_PERSONAS="1 1 2"; N=2; TOP_K=1; TEST_PAIRS=4
+    ITERATIONS=2; N_TASKS="2 2 2"; N_PERSONAS="1 1 2"; N=2; TOP_K=1; TEST_PAIRS=3
     GEN_FLAGS="--persona_max_tokens 48 --gold_max_tokens 24 --n_examples 1"
     SIM_FLAGS="--question_max_tokens 12 --answer_max_tokens 12 --max_turns 2"
     SELECT_FLAGS="--answer_max_tokens 16"
     TRAIN_FLAGS="--learning_rate 1e-3 --epochs 1 --batch_size 2 --grad_accum 1 --lora_r 4"
-    EVAL_FLAGS="--question_max_tokens 12 --answer_max_tokens 12 --final_max_tokens 16 --judge_max_tokens 16"
+    EVAL_FLAGS="--question_max_tokens 12 --answer_max_tokens 12 --final_max_tokens 16 --judge_max_tokens 8"
     ;;
   laptop)  # Mistral-7B-Instruct-v0.2 in 4-bit as Questioner and Roleplayer (one shared copy);
            # Oracle and Judge through an OpenAI-compatible API when OPENAI_API_KEY is set

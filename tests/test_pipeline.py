@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def smoke(tmp_path_factory, model_cache):
     cache.mkdir()
     (cache / "SmolLM2-135M-Instruct").symlink_to(embedded_model_dir(model_cache).resolve())
     env = dict(os.environ, RUN_DIR=str(root / "run"), CACHE_DIR=str(cache))
-    stdout = run_all(env, "--ablations")
+    stdout = run_all(env)
     return root / "run", cache, env, stdout
 
 
@@ -122,45 +123,66 @@ def test_each_iteration_leaves_a_peft_adapter(smoke):
 def test_evaluation_writes_metrics_report_and_plots(smoke):
     run, _, _, stdout = smoke
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
-    assert metrics["test_pairs"] == 4
+    assert metrics["test_pairs"] == 3
     for t in range(1, ITERATIONS + 1):
         m = metrics["models"][f"m{t}"]
         w = m["win_rate"]
-        assert w["n"] + w["unparseable"] == 4 and w["wins"] + w["ties"] + w["losses"] == w["n"]
-        assert len(read_jsonl(run / "eval" / f"m{t}" / "judgments.jsonl", "judgment")) == 8  # both orders
-        assert m["gain_over_m0"]["n"] == 4 and "asks_only" in m
+        assert w["n"] + w["unparseable"] == 3 and w["wins"] + w["ties"] + w["losses"] == w["n"]
+        assert len(read_jsonl(run / "eval" / f"m{t}" / "judgments.jsonl", "judgment")) == 6  # both orders
+        assert m["gain_over_m0"]["n"] == 3 and "asks_only" in m
     assert set(metrics["controls"]) == {"no_conversation", "persona_in_context", "other_persona"}
     report = (run / "eval" / "report.md").read_text()
-    assert "Win rate against m0" in report and "*paper*" in report and "Ablations" in report
+    assert "Win rate against m0" in report and "*paper*" in report
     for plot in ("winrate.png", "logprob.png"):
         assert (run / "eval" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"Report: {run}/eval/report.md" in stdout
 
 
-def test_ablations_share_data_and_m0_but_train_on_their_own_targets(smoke):
-    run = smoke[0]
-    for target in ("gold", "none"):
-        other = Path(f"{run}-{target}")
-        assert (other / "data").resolve() == (run / "data").resolve()
-        sft = read_jsonl(other / "iter0" / "sft.jsonl", "sft")
-        assert all(r["target"] == target for r in sft)
-        if target == "none":  # questions only: the record ends on the Roleplayer's answer
-            assert all(r["messages"][-1]["role"] == "user" for r in sft)
-        else:
-            gold = {(g["task_id"], g["persona_id"]): g["gold"] for g in read_jsonl(run / "data" / "gold.jsonl", "gold")}
-            assert all(r["messages"][-1]["content"] == gold[(r["task_id"], r["persona_id"])] for r in sft)
-        assert (other / "eval" / "m0" / "answers.jsonl").read_text() == (run / "eval" / "m0" / "answers.jsonl").read_text()
+@pytest.mark.parametrize("target", ["gold", "none"])
+def test_ablation_targets(smoke, tmp_path, target):
+    """The paper's ablations, as run_all.sh --ablations runs them: same data and iteration-0 conversations,
+    another final message (the Oracle's gold answer; none: questions only)."""
+    run, cache, env, _ = smoke
+    other = tmp_path / f"run-{target}"
+    (other / "iter0").mkdir(parents=True)
+    (other / "data").symlink_to(run / "data")
+    for name in ("conversations.jsonl", "scores.jsonl"):
+        (other / "iter0" / name).write_bytes((run / "iter0" / name).read_bytes())
+    done = subprocess.run([sys.executable, "03_select.py", "--run_dir", str(other), "--n_conversations", str(N),
+                           "--target", target, "--cache_dir", str(cache)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sft = read_jsonl(other / "iter0" / "sft.jsonl", "sft")
+    main = read_jsonl(run / "iter0" / "sft.jsonl", "sft")
+    assert [(r["task_id"], r["persona_id"], r["conv_id"]) for r in sft] == \
+        [(r["task_id"], r["persona_id"], r["conv_id"]) for r in main]  # the same selection
+    assert all(r["target"] == target for r in sft)
+    if target == "none":  # questions only: the record ends on the Roleplayer's answer
+        assert all(r["messages"][-1]["role"] == "user" for r in sft)
+    else:
+        gold = {(g["task_id"], g["persona_id"]): g["gold"] for g in read_jsonl(run / "data" / "gold.jsonl", "gold")}
+        assert all(r["messages"][-1]["content"] == gold[(r["task_id"], r["persona_id"])] for r in sft)
+
+
+def test_report_puts_ablations_beside_the_main_run(smoke, tmp_path):
+    from report import write_report
+
+    metrics = json.loads((smoke[0] / "eval" / "metrics.json").read_text())
+    ablation = dict(metrics, target="gold")
+    write_report(tmp_path, metrics, {"run-gold": ablation})
+    report = (tmp_path / "report.md").read_text()
+    assert "## Ablations" in report and "| run-gold (target gold) |" in report and "*44.1, 51.8*" in report
 
 
 def test_a_second_run_recomputes_nothing(smoke):
     run, cache, env, _ = smoke
 
     def snapshot():
-        files = [p for d in (run, Path(f"{run}-gold"), Path(f"{run}-none"), cache) for p in sorted(d.rglob("*"))
+        files = [p for d in (run, cache) for p in sorted(d.rglob("*"))
                  if p.is_file() and "SmolLM2" not in str(p) and p.suffix in (".jsonl", ".safetensors")]
         return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
     before = snapshot()
-    stdout = run_all(env, "--ablations")
+    stdout = run_all(env)
     assert snapshot() == before  # no record, adapter or cached Oracle/Judge call was made again
-    assert stdout.count("nothing to do") >= 1 + 3 * 3 * ITERATIONS - 2
+    assert stdout.count("nothing to do") == 1 + 3 * ITERATIONS
