@@ -32,7 +32,7 @@ case "$PRESET" in
     GEN_FLAGS="--persona_max_tokens 48 --gold_max_tokens 24 --n_examples 1"
     SIM_FLAGS="--question_max_tokens 12 --answer_max_tokens 12 --max_turns 2"
     SELECT_FLAGS="--answer_max_tokens 16"
-    TRAIN_FLAGS="--learning_rate 1e-3 --epochs 1 --batch_size 2 --grad_accum 1 --lora_r 4"
+    TRAIN_FLAGS="--learning_rate 1e-3 --epochs 2 --warmup_ratio 0 --batch_size 2 --grad_accum 1 --lora_r 4"
     EVAL_FLAGS="--question_max_tokens 12 --answer_max_tokens 12 --final_max_tokens 16 --judge_max_tokens 8"
     ;;
   laptop)  # Mistral-7B-Instruct-v0.2 in 4-bit as Questioner and Roleplayer (one shared copy);

@@ -84,8 +84,10 @@ def test_normalise_messages_merges_consecutive_turns_of_one_role():
     view = roles.answer_view("Maya", "Dinner?", [{"role": "assistant", "content": "Budget?"},
                                                  {"role": "user", "content": "Ten dollars."}])
     merged = models.normalise_messages(view, system_ok=False)
-    assert [m["role"] for m in merged] == ["user", "assistant", "user"]
-    assert merged[0]["content"] == roles.QUESTIONER_SYSTEM + "\n\nHi, I'm Maya. Dinner?"
+    examples = roles.QUESTIONER_EXAMPLES  # the worked example: alternating turns ending on an assistant turn
+    assert [m["role"] for m in merged] == [m["role"] for m in examples] + ["user", "assistant", "user"]
+    assert merged[0]["content"] == roles.QUESTIONER_SYSTEM + "\n\n" + examples[0]["content"]
+    assert merged[len(examples)]["content"] == "Hi, I'm Maya. Dinner?"
     assert merged[-1]["content"] == "Ten dollars.\n\n" + roles.FINAL_ANSWER_PROMPT.format(task="Dinner?")
 
 
@@ -124,7 +126,9 @@ def test_encode_chat_on_a_strict_template_without_system_role(mistral_tokenizer)
         tokenizer.apply_chat_template(view, tokenize=False)
     prompt_ids, response_ids = models.encode_chat(tokenizer, view, "Try lentils.", system_ok=False)
     prompt = tokenizer.decode(prompt_ids)
-    assert prompt.startswith(f"<s>[INST] {roles.QUESTIONER_SYSTEM}\n\nHi, I'm Maya. Dinner? [/INST]Budget?</s>")
+    first = roles.QUESTIONER_EXAMPLES[0]["content"]
+    assert prompt.startswith(f"<s>[INST] {roles.QUESTIONER_SYSTEM}\n\n{first} [/INST]")
+    assert "[INST] Hi, I'm Maya. Dinner? [/INST]Budget?</s>" in prompt
     assert prompt.endswith("[INST] Ten dollars.\n\n" + roles.FINAL_ANSWER_PROMPT.format(task="Dinner?") + " [/INST]")
     assert tokenizer.decode(response_ids) == "Try lentils.</s>"
     assert response_ids[-1] == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("</s>")
