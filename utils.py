@@ -53,10 +53,8 @@ def stable_hash(*parts) -> int:
 
 
 def record_args(path: Path, args):
-    """Write the arguments used beside the outputs (merging with earlier runs' records of other steps)."""
-    values = {k: v for k, v in dataclasses.asdict(args).items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, values)
+    """Write the arguments a step ran with beside its outputs (args_<step>.json)."""
+    write_json_atomic(path, dataclasses.asdict(args))
 
 
 # --- Record types -------------------------------------------------------------------------------------
