@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from models import ModelPool
-from roles import ORACLE_GOLD_PROMPT, ORACLE_SYSTEM, PERSONA_PROMPT
+from roles import ORACLE_GOLD_PROMPT, ORACLE_SYSTEM, PERSONA_PROMPT, gold_problem
 from utils import (StepError, parse_args, read_jsonl, record_args, run_main, seed_everything,
                    write_jsonl_atomic)
 
@@ -43,6 +43,9 @@ class Args:
     persona_max_tokens: int = field(default=250, metadata={"help": "token cap of a persona bio"})
     n_examples: int = field(default=3, metadata={"help": "persona sketches shown per persona request"})
     gold_max_tokens: int = field(default=300, metadata={"help": "token cap of a gold response (paper: 300)"})
+    gold_retries: int = field(default=2, metadata={
+        "help": "times a refused, empty or looping gold response is asked for again (then the pair is left out)"})
+    retry_temperature: float = field(default=0.7, metadata={"help": "sampling temperature of those retries"})
     seed: int = field(default=0, metadata={"help": "seeds the splits, names, examples and sampling"})
     batch_size: int = field(default=16, metadata={"help": "prompts per batch for a local Oracle"})
     cache_dir: str = field(default="cache", metadata={"help": "model cache and Oracle call cache"})
@@ -139,8 +142,26 @@ def main():
     answers = oracle.generate(gold_prompts, seed=args.seed, batch_size=args.batch_size, desc="gold responses",
                               **gold_settings)
     gold = [{"task_id": t["task_id"], "persona_id": p["persona_id"], "split": t["split"], "gold": a.strip(),
-             "oracle": oracle.name, "sampling": gold_settings} for (t, p), a in zip(pairs, answers)]
-    empty = sum(not g["gold"] for g in gold)
+             "oracle": oracle.name, "sampling": gold_settings, "attempts": 1, "flag": gold_problem(a)}
+            for (t, p), a in zip(pairs, answers)]
+
+    # A gold answer that is a refusal, empty or a loop teaches nothing: ask again, sampling this time
+    # (greedy would repeat itself), up to --gold_retries times. What is still flagged stays in the file,
+    # marked, and every later step leaves the pair out (utils.load_pairs); the counts are printed.
+    first_flagged = sum(g["flag"] is not None for g in gold)
+    retry_settings = dict(max_new_tokens=args.gold_max_tokens, temperature=args.retry_temperature, top_p=0.95)
+    for attempt in range(1, args.gold_retries + 1):
+        redo = [i for i, g in enumerate(gold) if g["flag"] is not None]
+        if not redo:
+            break
+        answers = oracle.generate([gold_prompts[i] for i in redo], seed=args.seed + 1000 * attempt,
+                                  batch_size=args.batch_size, desc=f"gold retry {attempt}", **retry_settings)
+        for i, a in zip(redo, answers):
+            gold[i].update(gold=a.strip(), sampling=retry_settings, attempts=attempt + 1, flag=gold_problem(a))
+    flagged = {}
+    for g in gold:
+        if g["flag"] is not None:
+            flagged[g["flag"]] = flagged.get(g["flag"], 0) + 1
 
     # Final files are written atomically, gold last: its presence means the step is complete.
     write_jsonl_atomic(out / "tasks.jsonl", tasks)
@@ -150,7 +171,8 @@ def main():
     counts = {s: (sum(t["split"] == s for t in tasks), sum(p["split"] == s for p in personas),
                   sum(g["split"] == s for g in gold)) for s in SPLITS}
     print(f"01_generate: wrote {out}: (tasks, personas, pairs) per split {json.dumps(counts)}; "
-          f"{empty} empty gold responses")
+          f"{first_flagged} of {len(gold)} gold responses flagged at first, {sum(flagged.values())} still after "
+          f"{args.gold_retries} retries {json.dumps(flagged)} (left out of training and evaluation)")
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ from pathlib import Path
 from models import ModelPool, parse_spec
 from report import bootstrap_ci, load_metrics, min_detectable_effect, pair_outcome, win_rate, write_report
 from roles import JUDGE_PROMPT, JUDGE_SYSTEM, answer_view, parse_verdict
-from utils import (StepError, load_pairs, parse_args, questioner_adapter, record_args, resumable, run_main,
-                   seed_everything, write_json_atomic)
+from utils import (StepError, load_pairs, parse_args, questioner_adapter, read_jsonl, record_args, resumable,
+                   run_main, seed_everything, write_json_atomic)
 
 simulate_pairs = importlib.import_module("02_simulate").simulate_pairs  # the same simulation as training
 
@@ -81,6 +81,14 @@ def diagnostics(conversations, pairs) -> dict:
             "answered_instead": sum("?" not in q and len(q.split()) > 25 for q in asked) / max(1, len(asked)),
             "persona_leak": sum(leaked(r, b) for r, b in replies) / max(1, len(replies)),
             "empty_turns": sum(not m.strip() for m in asked) + sum(not r.strip() for r, _ in replies)}
+
+
+def gold_flags(run_dir) -> dict:
+    """How often the Oracle's gold answer for a test pair was unusable (01_generate.py's check):
+    at first, and still after its retries (those pairs are left out of the evaluation)."""
+    gold = [g for g in read_jsonl(Path(run_dir) / "data" / "gold.jsonl", "gold") if g["split"] == "test"]
+    return {"pairs": len(gold), "first_try": sum(g.get("attempts", 1) > 1 or bool(g.get("flag")) for g in gold) / len(gold),
+            "left_out": sum(bool(g.get("flag")) for g in gold) / len(gold)}
 
 
 def per_pair(records, reduce) -> dict:
@@ -174,7 +182,7 @@ def main():
     # The verdict is parsed from the Judge's text. A local judge that wrote none (the embedded model rarely
     # does) gives it as the likelier of "Verdict: A" and "Verdict: B" after its own comparison.
     judge = pool.chat(args.judge, call_cache=Path(args.cache_dir) / "judge_calls.jsonl")
-    judge_lm = pool.local(args.judge) if parse_spec(args.judge)[0] != "openai" else None
+    judge_lm = pool.local(args.judge) if parse_spec(args.judge)[0] in ("embedded", "hf") else None
 
     def judged(folder, name, new: dict, old: dict):
         items, keys = [], []
@@ -210,6 +218,7 @@ def main():
                "target": json.loads(select_args.read_text())["target"] if select_args.exists() else None,
                "controls": {name: sum(c["logprob"] for c in controls if c["control"] == name) / len(pairs)
                             for name in ("no_conversation", "persona_in_context", "other_persona")},
+               "gold_flagged": gold_flags(args.run_dir),
                "conversation_value": paired(mean_of, no_conv, args.n_bootstrap),
                "min_detectable_effect": min_detectable_effect([mean_of[k] - no_conv[k] for k in mean_of]),
                "models": {}}
@@ -219,6 +228,9 @@ def main():
         m = {"logprob_mean": sum(means.values()) / len(means),
              "logprob_best": sum(per_pair(r["scores"], max).values()) / len(means),
              "diagnostics": diagnostics(r["convs"], by_pair)}
+        if hasattr(roleplayer, "world"):  # the toy preset: do the questions ask about what matters for the task?
+            hits = [h for c in r["convs"] for h in roleplayer.world.hits(c["messages"], by_pair[(c["task_id"], c["persona_id"])]["task"])]
+            m["diagnostics"]["attribute_hit_rate"] = sum(hits) / max(1, len(hits))
         if t > 0:
             m["gain_over_m0"] = paired(means, mean_of, args.n_bootstrap)
             m["win_rate"] = win_rate(judged(out / f"m{t}", "judgments.jsonl", r["answers"], results[0]["answers"]),

@@ -5,6 +5,7 @@ A model spec names where a role's model lives:
     hf:<hub id or path>   any causal LM transformers can load (4-bit NF4 with --load_in_4bit)
     openai:<model>        any OpenAI-compatible server (OpenAI, vLLM, llama.cpp, Ollama); the base URL
     openai:<model>@<url>  comes from OPENAI_BASE_URL or after '@', the key from OPENAI_API_KEY.
+    scripted:<folder>     the toy preset's scripted Oracle, Roleplayer and Judge (scripted.py), not a model
 Roles that name the same local model share one loaded copy (a `ModelPool`), so a 7B Questioner and
 Roleplayer fit one GPU: LoRA adapters are attached by name and switched off for roles that need the base.
 """
@@ -30,7 +31,8 @@ EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # --- Specs and loading ------------------------------------------------------------------------------
 
 def parse_spec(spec: str):
-    """'embedded' | 'hf:<id or path>' | 'openai:<model>[@<base url>]' -> (kind, name, base_url)."""
+    """'embedded' | 'hf:<id or path>' | 'openai:<model>[@<base url>]' | 'scripted:<folder>'
+    -> (kind, name, base_url)."""
     if spec == "embedded":
         return "embedded", "SmolLM2-135M-Instruct", None
     kind, _, rest = spec.partition(":")
@@ -39,7 +41,10 @@ def parse_spec(spec: str):
     if kind == "openai" and rest:
         name, _, url = rest.partition("@")
         return "openai", name, url or None
-    raise StepError(f"unknown model spec {spec!r}: use 'embedded', 'hf:<hub id or path>' or 'openai:<model>'")
+    if kind == "scripted" and rest:
+        return "scripted", rest, None
+    raise StepError(f"unknown model spec {spec!r}: use 'embedded', 'hf:<hub id or path>', 'openai:<model>' "
+                    "or 'scripted:<world folder>'")
 
 
 def embedded_model_dir(cache_dir) -> Path:
@@ -80,8 +85,8 @@ def load_local(spec: str, cache_dir="cache", load_in_4bit="no", trust_remote_cod
 
     load_in_4bit = want_4bit(load_in_4bit)
     kind, name, _ = parse_spec(spec)
-    if kind == "openai":
-        raise StepError(f"{spec!r} is a remote model; this role needs local weights ('embedded' or 'hf:...')")
+    if kind in ("openai", "scripted"):
+        raise StepError(f"{spec!r} is not a local model; this role needs local weights ('embedded' or 'hf:...')")
     path = str(embedded_model_dir(cache_dir)) if kind == "embedded" else name
     options = dict(trust_remote_code=trust_remote_code)
     if load_in_4bit:
@@ -301,6 +306,12 @@ class ModelPool:
         kind, name, base_url = parse_spec(spec)
         if kind == "openai":
             model = OpenAIChat(name, base_url)
+        elif kind == "scripted":
+            from scripted import ScriptedChat  # the toy preset's roles; imports its sentence encoder lazily
+
+            if spec not in self.loaded:
+                self.loaded[spec] = ScriptedChat(name)
+            model = self.loaded[spec]
         else:
             lm = self.local(spec)
             if adapter is not None:

@@ -106,8 +106,13 @@ def write_report(folder: Path, metrics: dict, ablations: dict[str, dict]):
     v = metrics["conversation_value"]
     lines += ["", f"Value of m0's conversation (m0 mean minus no conversation, per pair): {fmt(v['mean'], 2)} nats, "
               f"95% CI {fmt_ci(v['ci95'], 2)}. With {metrics['test_pairs']} test pairs the smallest gain a paired test "
-              f"detects (80% power) is about {fmt(metrics['min_detectable_effect'], 2)} nats.",
-              "", "## Questions asked (diagnostics)", "",
+              f"detects (80% power) is about {fmt(metrics['min_detectable_effect'], 2)} nats.", ""]
+    if "gold_flagged" in metrics:
+        g = metrics["gold_flagged"]
+        lines += [f"Oracle gold answers of the test pairs flagged as refusal, empty or a loop: "
+                  f"{fmt(100 * g['first_try'])}% at first, {fmt(100 * g['left_out'])}% still after retries "
+                  f"(left out) of {g['pairs']}.", ""]
+    lines += ["## Questions asked (diagnostics)", "",
               "| model | questions / conversation | question share of turns | words per question "
               "| answered instead of asking | Roleplayer leaked persona | empty turns |", "|---|---|---|---|---|---|---|"]
     for t in models:
@@ -115,6 +120,10 @@ def write_report(folder: Path, metrics: dict, ablations: dict[str, dict]):
         lines.append(f"| m{t} | {fmt(q['questions_per_conversation'], 2)} | {fmt(q['question_rate'], 2)} "
                      f"| {fmt(q['words_per_question'])} | {fmt(q['answered_instead'], 2)} | {fmt(q['persona_leak'], 2)} "
                      f"| {q['empty_turns']} |")
+    if "attribute_hit_rate" in metrics["models"]["m0"]["diagnostics"]:  # the toy preset's scripted world
+        lines += ["", "Toy world: share of Questioner turns that ask about an attribute the task depends on: "
+                  + ", ".join(f"m{t} {fmt(metrics['models'][f'm{t}']['diagnostics']['attribute_hit_rate'], 2)}"
+                              for t in models) + "."]
     if ablations:
         lines += ["", "## Ablations (win rate % against the same m0)", "",
                   "| run | " + " | ".join(f"m{t}" for t in models[1:]) + " | *paper* |",

@@ -130,6 +130,24 @@ def simulate(questioner, roleplayer, items, gen, seed):
     return dialogues
 
 
+# Gold answers the Oracle should not have written: a refusal or apology instead of an answer (small Oracles
+# write "I'm sorry, as an AI I cannot..." often), nothing at all, or the same line over and over.
+REFUSAL = re.compile(r"\b(?:I'?m sorry|I am sorry|I apologi[sz]e|as an AI|I cannot|I can'?t|I can not|"
+                     r"I(?:'m| am) (?:unable|not able|not capable)|unfortunately,? I)\b", re.IGNORECASE)
+
+
+def gold_problem(text: str) -> str | None:
+    """'empty', 'refusal' or 'repetition' when a gold answer is unusable; None when it looks like an answer."""
+    if not text.strip():
+        return "empty"
+    if REFUSAL.search(text):
+        return "refusal"
+    lines = [line.strip() for line in re.split(r"[\n.!?]+", text) if len(line.strip()) >= 10]
+    if lines and max(lines.count(line) for line in lines) >= 3:
+        return "repetition"
+    return None
+
+
 # "Verdict: A", "**Verdict**: b", "Verdict: (A)", "Verdict: Response B"; not "Verdict: a tie" or "Both".
 VERDICT = re.compile(r"verdict[\s*:\-]*\(?\s*(?:response\s+)?([AB])(?![A-Za-z])(?!\s+(?:tie|and|or)\b)",
                      re.IGNORECASE)

@@ -4,6 +4,7 @@
 # command again and it finishes what is left, with nothing duplicated.
 #
 #   bash run_all.sh                  # the tiny preset: embedded model in every role, minutes on a CPU
+#   bash run_all.sh toy              # a controlled world with scripted roles where learning shows in minutes
 #   bash run_all.sh laptop           # Mistral-7B-Instruct in 4-bit on one GPU
 #   bash run_all.sh paper            # the paper's sizes and models
 #   bash run_all.sh tiny --ablations # also the paper's two ablations, in runs/<preset>-gold, -none
@@ -35,6 +36,17 @@ case "$PRESET" in
     TRAIN_FLAGS="--learning_rate 1e-3 --epochs 2 --warmup_ratio 0 --batch_size 2 --grad_accum 1 --lora_r 4"
     EVAL_FLAGS="--question_max_tokens 12 --answer_max_tokens 12 --final_max_tokens 16 --judge_max_tokens 8"
     ;;
+  toy)     # a controlled world (data/toy, scripted.py) where the effect of good questions is known: the real
+           # embedded Questioner, trained by the same steps, with a scripted Oracle, Roleplayer and Judge.
+           # For seeing the mechanism work on a CPU in minutes; NOT the paper's setting.
+    QUESTIONER=embedded; ROLEPLAYER=scripted:data/toy; ORACLE=$ROLEPLAYER; JUDGE=$ROLEPLAYER
+    ITERATIONS=2; N_TASKS="12 12 12"; N_PERSONAS="5 5 9"; N=4; TOP_K=1; TEST_PAIRS=108; EVAL_N=2
+    GEN_FLAGS="--tasks data/toy/tasks.jsonl"
+    SIM_FLAGS="--question_max_tokens 24"
+    SELECT_FLAGS="--answer_max_tokens 40"
+    TRAIN_FLAGS="--learning_rate 1e-3 --epochs 3 --batch_size 4 --grad_accum 1 --lora_r 8 --no_gradient_checkpointing"
+    EVAL_FLAGS="--question_max_tokens 24 --final_max_tokens 40"
+    ;;
   laptop)  # Mistral-7B-Instruct-v0.2 in 4-bit as Questioner and Roleplayer (one shared copy);
            # Oracle and Judge through an OpenAI-compatible API when OPENAI_API_KEY is set
     QUESTIONER=hf:mistralai/Mistral-7B-Instruct-v0.2; ROLEPLAYER=$QUESTIONER
@@ -53,8 +65,9 @@ case "$PRESET" in
     ITERATIONS=3; N_TASKS="250 250 50"; N_PERSONAS="50 50 10"; N=10; TOP_K=1; TEST_PAIRS=300
     GEN_FLAGS=""; SIM_FLAGS=""; SELECT_FLAGS=""; TRAIN_FLAGS=""; EVAL_FLAGS=""
     ;;
-  *) echo "unknown preset '$PRESET': use tiny, laptop, paper (or smoke, for the tests)" >&2; exit 2 ;;
+  *) echo "unknown preset '$PRESET': use tiny, toy, laptop, paper (or smoke, for the tests)" >&2; exit 2 ;;
 esac
+EVAL_N="${EVAL_N:-$N}"  # test conversations per pair (the toy preset uses fewer than in training)
 RUN_DIR="${RUN_DIR:-runs/$PRESET}"
 CACHE_DIR="${CACHE_DIR:-cache}"
 COMMON="--cache_dir $CACHE_DIR --seed 0"
@@ -92,7 +105,7 @@ fi
 evaluate() {  # $1 = run folder, then extra flags
   local dir="$1"; shift
   python 05_eval.py --run_dir "$dir" --iterations "$ITERATIONS" --questioner "$QUESTIONER" \
-    --roleplayer "$ROLEPLAYER" --judge "$JUDGE" --n_conversations "$N" --test_pairs "$TEST_PAIRS" \
+    --roleplayer "$ROLEPLAYER" --judge "$JUDGE" --n_conversations "$EVAL_N" --test_pairs "$TEST_PAIRS" \
     $COMMON $EVAL_FLAGS "$@"
 }
 echo "== $RUN_DIR: evaluation =="

@@ -204,7 +204,8 @@ def finish_partial(partial: Path, final: Path, kind: str, order: list[tuple]):
 def load_pairs(run_dir, split: str | None = None) -> list[dict]:
     """The (task, persona) pairs of a split, joined with their texts and gold response, checked.
 
-    Each pair: task_id, persona_id, split, task (text), name, bio, gold. Sorted by ids.
+    Each pair: task_id, persona_id, split, task (text), name, bio, gold. Sorted by ids. Pairs whose gold
+    answer 01_generate.py flagged (refusal, empty, loop) are left out.
     """
     data = Path(run_dir) / "data"
     if not (data / "gold.jsonl").exists():
@@ -217,13 +218,16 @@ def load_pairs(run_dir, split: str | None = None) -> list[dict]:
             if g[key] not in table:
                 raise StepError(f"{data / 'gold.jsonl'}:{number}: names {kind} {g[key]!r}, "
                                 f"which is not in {kind}s.jsonl")
+        if g.get("flag"):  # a refused, empty or looping gold answer that 01 could not replace: no usable target
+            continue
         if split is None or g["split"] == split:
             task, persona = tasks[g["task_id"]], personas[g["persona_id"]]
             pairs.append({"task_id": g["task_id"], "persona_id": g["persona_id"], "split": g["split"],
                           "task": task["text"], "name": persona["name"], "bio": persona["bio"],
                           "gold": g["gold"]})
     if not pairs:
-        raise StepError(f"{data / 'gold.jsonl'}: no pairs in split {split!r}")
+        raise StepError(f"{data / 'gold.jsonl'}: no usable pairs in split {split!r} (pairs whose gold answer "
+                        "01_generate.py flagged as refusal, empty or a loop are left out)")
     return sorted(pairs, key=lambda p: (p["task_id"], p["persona_id"]))
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from models import LocalLM, embedded_model_dir
-from roles import answer_view
+from roles import answer_view, gold_problem
 from utils import load_pairs, read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,6 +53,13 @@ def test_data_has_the_requested_splits_and_a_gold_response_per_pair(smoke):
     assert sorted((g["task_id"], g["persona_id"]) for g in gold) == sorted(
         (t["task_id"], p["persona_id"]) for t in tasks for p in personas if t["split"] == p["split"])
     assert all(split_of[g["task_id"]] == split_of[g["persona_id"]] == g["split"] for g in gold)
+    # Every gold answer was checked; one still refused, empty or looping after the retries is marked and
+    # left out of every later step.
+    assert all(g["flag"] == gold_problem(g["gold"]) and 1 <= g["attempts"] <= 3 for g in gold)
+    assert all(g["attempts"] == 3 for g in gold if g["flag"])
+    used = {(c["task_id"], c["persona_id"]) for t in range(ITERATIONS)
+            for c in read_jsonl(run / f"iter{t}" / "conversations.jsonl", "conversation")}
+    assert not used & {(g["task_id"], g["persona_id"]) for g in gold if g["flag"]}
 
 
 @pytest.mark.parametrize("iteration,split", [(0, "A"), (1, "B")])

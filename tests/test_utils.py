@@ -306,6 +306,11 @@ def test_load_pairs_error_names_the_file_line_after_a_blank_line(tmp_path):
         utils.load_pairs(tmp_path)
 
 
+def test_load_pairs_leaves_out_pairs_whose_gold_was_flagged(tmp_path):
+    make_run(tmp_path, [gold("t0", "p0") | {"flag": "refusal"}, gold("t1", "p0") | {"flag": None}])
+    assert [p["task_id"] for p in utils.load_pairs(tmp_path, "train")] == ["t1"]
+
+
 def test_load_pairs_without_gold_says_which_step_to_run(tmp_path):
     with pytest.raises(StepError, match="run 01_generate.py"):
         utils.load_pairs(tmp_path)
@@ -313,7 +318,7 @@ def test_load_pairs_without_gold_says_which_step_to_run(tmp_path):
 
 def test_load_pairs_of_an_empty_split(tmp_path):
     make_run(tmp_path, [gold("t0", "p0")])
-    with pytest.raises(StepError, match="no pairs in split 'test'"):
+    with pytest.raises(StepError, match="no usable pairs in split 'test'"):
         utils.load_pairs(tmp_path, "test")
 
 
@@ -353,6 +358,21 @@ def test_stable_hash_depends_on_every_part_and_their_order():
 ])
 def test_parse_verdict(text, verdict):
     assert roles.parse_verdict(text) == verdict
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("", "empty"),
+    ("   \n", "empty"),
+    ("I'm sorry, but as an AI I cannot give personal advice.", "refusal"),
+    ("Unfortunately, I am unable to help with that.", "refusal"),
+    ("I apologise for the confusion.", "refusal"),
+    ("Popeye the Barbarian:\n\nPopeye the Barbarian:\n\nPopeye the Barbarian:\n", "repetition"),
+    ("Try a lentil curry. It is cheap. Try a lentil curry. Try a lentil curry!", "repetition"),
+    ("Since you are vegan and on a tight budget, cook a big pot of lentil curry.", None),
+    ("You can't go wrong with a walk in the park.", None),  # "can't" alone is no refusal
+])
+def test_gold_problem(text, problem):
+    assert roles.gold_problem(text) == problem
 
 
 def test_parse_verdict_bold_label_before_colon():
