@@ -101,13 +101,15 @@ class World:
         return sum(mentions(answer, k) for k in keywords) / len(keywords)
 
     def classify(self, questions: list[str]) -> list[str | None]:
-        """The attribute each question asks about (closest example question), or None if none is close."""
+        """The attribute each question asks about (closest example question), or None if none is close.
+        A turn without a question mark asks nothing: only questions are rewarded in this world."""
         if not questions:
             return []
         examples = [(a, q) for a, v in self.attributes.items() for q in v["questions"]]
         similarity = self.embed(questions) @ self.embed([q for _, q in examples]).T
         best, index = similarity.max(dim=1)
-        return [examples[i][0] if b >= MATCH_THRESHOLD else None for b, i in zip(best.tolist(), index.tolist())]
+        return [examples[i][0] if b >= MATCH_THRESHOLD and "?" in q else None
+                for q, b, i in zip(questions, best.tolist(), index.tolist())]
 
     @torch.inference_mode()
     def embed(self, texts: list[str]) -> torch.Tensor:

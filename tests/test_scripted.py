@@ -70,6 +70,7 @@ def test_gold_states_exactly_the_task_s_relevant_values(world, bio):
     ("How much money do you want to spend?", "budget"),
     ("What's your favourite colour?", None),
     ("Can you help me?", None),
+    ("I can recommend a Mexican meal for you.", None),  # not a question: the world rewards only questions
 ])
 def test_roleplayer_reveals_the_attribute_a_question_asks_about(world, bio, question, attribute):
     system = ROLEPLAYER_SYSTEM.format(bio=bio, task=TASK)
