@@ -10,7 +10,7 @@ Writes  <run_dir>/eval/m{t}/conversations.jsonl  N test conversations per pair w
                                                  a conversation from a different persona
         <run_dir>/eval/metrics.json, report.md, winrate.png, logprob.png
 
-Every model faces the same test pairs, conversation lengths (balanced over 1, 2, 3 turns) and random
+Every model faces the same test pairs, conversation lengths (balanced over 1 .. --max_turns turns) and random
 seeds, so differences come from the model. Unlike the paper, each comparison is judged in BOTH orders
 (position bias was large there): agreement is a win or a loss, disagreement a tie; win rates come with
 95% bootstrap intervals. Judge calls are cached, so rerunning costs nothing.
@@ -44,6 +44,7 @@ class Args:
     judge: str = field(default="embedded", metadata={"help": "Judge model spec (paper: GPT-4)"})
     n_conversations: int = field(default=10, metadata={"help": "N test conversations per pair for the log-probs"})
     test_pairs: int = field(default=300, metadata={"help": "test pairs used, at most (paper: 300 of 500)"})
+    max_turns: int = field(default=3, metadata={"help": "test conversations have 1 .. max_turns turns, balanced (paper: 3)"})
     temperature: float = field(default=0.9, metadata={"help": "Questioner sampling temperature"})
     top_p: float = field(default=0.9, metadata={"help": "Questioner nucleus sampling"})
     question_max_tokens: int = field(default=64, metadata={"help": "token cap of a question"})
@@ -108,12 +109,14 @@ def main():
     seed_everything(args.seed)
     out = Path(args.run_dir) / "eval"
 
-    # Test pairs: a seeded sample, lengths balanced over 1, 2, 3 turns, the same for every model.
+    # Test pairs: a seeded sample, lengths balanced over 1 .. max_turns turns, the same for every model.
+    if args.max_turns < 1:
+        raise StepError("--max_turns must be at least 1")
     pairs = load_pairs(args.run_dir, "test")
     random.Random(args.seed).shuffle(pairs)
     pairs = sorted(pairs[:args.test_pairs], key=lambda p: (p["task_id"], p["persona_id"]))
     for i, p in enumerate(pairs):
-        p["n_turns"] = 1 + i % 3
+        p["n_turns"] = 1 + i % args.max_turns
     by_pair = {(p["task_id"], p["persona_id"]): p for p in pairs}
     models = list(range(args.iterations + 1))
     for t in models[1:]:  # fail before any work if an adapter is missing

@@ -41,6 +41,7 @@ case "$PRESET" in
            # For seeing the mechanism work on a CPU in minutes; NOT the paper's setting.
     QUESTIONER=embedded; ROLEPLAYER=scripted:data/toy; ORACLE=$ROLEPLAYER; JUDGE=$ROLEPLAYER
     ITERATIONS=2; N_TASKS="12 12 12"; N_PERSONAS="5 5 9"; N=4; TOP_K=1; TEST_PAIRS=108; EVAL_N=2
+    ABLATION_TARGETS=none  # the no-regularisation ablation (questions only) beside the method
     GEN_FLAGS="--tasks data/toy/tasks.jsonl"
     SIM_FLAGS="--question_max_tokens 24"
     SELECT_FLAGS="--answer_max_tokens 40"
@@ -68,6 +69,7 @@ case "$PRESET" in
   *) echo "unknown preset '$PRESET': use tiny, toy, laptop, paper (or smoke, for the tests)" >&2; exit 2 ;;
 esac
 EVAL_N="${EVAL_N:-$N}"  # test conversations per pair (the toy preset uses fewer than in training)
+ABLATION_TARGETS="${ABLATION_TARGETS:-gold none}"  # with --ablations: the paper's two, or the preset's choice
 RUN_DIR="${RUN_DIR:-runs/$PRESET}"
 CACHE_DIR="${CACHE_DIR:-cache}"
 COMMON="--cache_dir $CACHE_DIR --seed 0"
@@ -92,7 +94,7 @@ run_method "$RUN_DIR" own
 EVAL_RUNS=()
 if [ "$ABLATIONS" = "--ablations" ]; then
   # The paper's ablations share the data and the iteration-0 conversations of m0 (identical by seed).
-  for target in gold none; do
+  for target in $ABLATION_TARGETS; do
     dir="$RUN_DIR-$target"
     mkdir -p "$dir/iter0"
     [ -e "$dir/data" ] || ln -s "$(cd "$RUN_DIR" && pwd)/data" "$dir/data"
