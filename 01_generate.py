@@ -18,7 +18,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from models import ModelPool
+from models import ModelPool, truncated
 from roles import ORACLE_GOLD_PROMPT, ORACLE_SYSTEM, PERSONA_PROMPT
 from utils import (StepError, parse_args, read_jsonl, record_args, run_main, seed_everything,
                    write_jsonl_atomic)
@@ -122,11 +122,12 @@ def main():
     bios = oracle.generate(persona_prompts, seed=args.seed, batch_size=args.batch_size,
                            desc="personas", **persona_settings)
     personas = []
+    persona_cut = truncated(oracle, persona_prompts, args.persona_max_tokens)  # prompts that did not fit
     for i, (split, name, bio) in enumerate(zip(persona_split, names, bios)):
         if not bio.strip():
             raise StepError(f"the Oracle wrote an empty bio for {name}; try another --seed or Oracle")
         personas.append({"persona_id": f"p{i:04d}", "split": split, "name": name, "bio": bio.strip(),
-                         "oracle": oracle.name, "sampling": persona_settings})
+                         "oracle": oracle.name, "sampling": persona_settings, "truncated": persona_cut[i]})
 
     # Gold responses: for every (task, persona) pair of a split, the Oracle answers the task knowing the
     # persona (greedy, <= 300 tokens, Sec. 4.1). These are what the Questioner's questions are scored on.
@@ -138,9 +139,12 @@ def main():
     gold_settings = dict(max_new_tokens=args.gold_max_tokens, temperature=0.0, top_p=1.0)
     answers = oracle.generate(gold_prompts, seed=args.seed, batch_size=args.batch_size, desc="gold responses",
                               **gold_settings)
+    gold_cut = truncated(oracle, gold_prompts, args.gold_max_tokens)
     gold = [{"task_id": t["task_id"], "persona_id": p["persona_id"], "split": t["split"], "gold": a.strip(),
-             "oracle": oracle.name, "sampling": gold_settings} for (t, p), a in zip(pairs, answers)]
+             "oracle": oracle.name, "sampling": gold_settings, "truncated": c}
+            for (t, p), a, c in zip(pairs, answers, gold_cut)]
     empty = sum(not g["gold"] for g in gold)
+    cut = sum(r["truncated"] for r in personas + gold)
 
     # Final files are written atomically, gold last: its presence means the step is complete.
     write_jsonl_atomic(out / "tasks.jsonl", tasks)
@@ -150,7 +154,7 @@ def main():
     counts = {s: (sum(t["split"] == s for t in tasks), sum(p["split"] == s for p in personas),
                   sum(g["split"] == s for g in gold)) for s in SPLITS}
     print(f"01_generate: wrote {out}: (tasks, personas, pairs) per split {json.dumps(counts)}; "
-          f"{empty} empty gold responses")
+          f"{empty} empty gold responses; {cut} Oracle prompts cut to fit its context")
 
 
 if __name__ == "__main__":

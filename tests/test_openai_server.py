@@ -114,8 +114,13 @@ def test_answers_that_arrive_before_a_failure_are_cached(server, tmp_path):
     too_long = [{"role": "user", "content": "word " * 3000}]  # over n_ctx: the server answers 400
     fine = [[{"role": "user", "content": f"Count to {n}."}] for n in range(3, 7)]
     cached = CachedChat(OpenAIChat("smollm", server, max_retries=0), cache)
-    with pytest.raises(StepError, match="400"):
+    # Nothing is cut on a server: its refusal is one clear error naming the settings to change.
+    with pytest.raises(StepError) as error:
         cached.generate([too_long] + fine, max_new_tokens=24)
+    message = str(error.value)
+    assert message.startswith(f"{server}: a prompt plus max_tokens=24 does not fit the context of openai:smollm")
+    assert "maximum context length is 2048 tokens" in message  # the server's own words (n_ctx 2048)
+    assert "*_max_tokens" in message and "--n_ctx" in message
     # Every request that succeeded was paid for, so every one must be on disk.
     assert cache.exists() and len(cache.read_text().splitlines()) == len(fine)
 

@@ -416,9 +416,10 @@ def test_simulate_runs_each_conversation_for_its_own_number_of_turns():
     items = [{"name": "Maya", "task": "Dinner?", "bio": "bio M", "n_turns": 2},
              {"name": "Ben", "task": "Lunch?", "bio": "bio B", "n_turns": 1}]
     gen = {"questioner": {"max_new_tokens": 8}, "roleplayer": {"max_new_tokens": 9}}
-    dialogues = roles.simulate(questioner, roleplayer, items, gen, seed=5)
+    dialogues, cut = roles.simulate(questioner, roleplayer, items, gen, seed=5)
     turn = [{"role": "assistant", "content": "Any allergies?"}, {"role": "user", "content": "Peanuts."}]
     assert dialogues == [turn + turn, turn]
+    assert cut == [False, False]  # not local models: only a local model cuts a prompt to fit its context
     assert [len(prompts) for prompts, _, _ in questioner.seen] == [2, 1]
     assert [seed for _, seed, _ in questioner.seen] == [5, 1005]
     assert questioner.seen[0][2] == {"max_new_tokens": 8} and roleplayer.seen[0][2] == {"max_new_tokens": 9}
