@@ -50,7 +50,7 @@ class Args:
     answer_max_tokens: int = field(default=96, metadata={"help": "token cap of a Roleplayer answer"})
     final_max_tokens: int = field(default=300, metadata={"help": "token cap of a model's final answer"})
     judge_max_tokens: int = field(default=200, metadata={"help": "token cap of a Judge's comparison"})
-    n_bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples for the 95% intervals"})
+    n_bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples for the 95%% intervals"})
     baseline_dir: str = field(default="", metadata={
         "help": "another run on the same data whose eval/m0 can be reused (ablations share m0)"})
     ablation_dirs: list[str] = field(default_factory=list, metadata={

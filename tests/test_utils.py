@@ -1,8 +1,10 @@
 """Unit tests for the plumbing in utils.py (JSONL hand-offs, seeds) and the pure functions of roles.py."""
 
+import importlib
 import json
 
 import pytest
+from transformers import HfArgumentParser
 
 import roles
 import utils
@@ -427,3 +429,11 @@ def test_simulate_runs_each_conversation_for_its_own_number_of_turns():
     first_rp_prompt = roleplayer.seen[0][0][0]
     assert "bio M" in first_rp_prompt[0]["content"]
     assert first_rp_prompt[1:] == [{"role": "user", "content": "Any allergies?"}]
+
+
+@pytest.mark.parametrize("step", ["01_generate", "02_simulate", "03_select", "04_train", "05_eval"])
+def test_every_step_can_print_its_help(step):
+    """--help comes from the step's Args dataclass through argparse, which %-formats every help text: a bare
+    '%' in one (05's "95% intervals" was) turns --help into a traceback."""
+    text = HfArgumentParser(importlib.import_module(step).Args).format_help()
+    assert "--run_dir" in text and "--seed" in text
