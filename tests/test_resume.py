@@ -170,11 +170,10 @@ def test_resumed_training_equals_an_uninterrupted_run(trained, resumed_training)
     assert leftovers(resumed) == []
 
 
-# --- 05_eval.py: killed during m1's scoring and during judging, resumed -----------------------------
+# --- 05_eval.py: killed while judging, resumed -------------------------------------------------------
 
-EVAL = ["--iterations", "1", "--n_conversations", "2", "--chunk_pairs", "1", "--batch_size", "1",
-        "--question_max_tokens", "8", "--answer_max_tokens", "8", "--final_max_tokens", "8",
-        "--judge_max_tokens", "8", "--n_bootstrap", "200"]
+EVAL = ["--iterations", "1", "--n_conversations", "1", "--batch_size", "1", "--question_max_tokens", "6",
+        "--answer_max_tokens", "6", "--final_max_tokens", "6", "--judge_max_tokens", "6", "--n_bootstrap", "200"]
 EVAL_FILES = [("m0/conversations.jsonl", "conversation"), ("m0/scores.jsonl", "score"), ("m0/answers.jsonl", "answer"),
               ("m1/conversations.jsonl", "conversation"), ("m1/scores.jsonl", "score"),
               ("m1/answers.jsonl", "answer"), ("m1/answers_m0.jsonl", "answer"), ("controls.jsonl", "control"),
@@ -183,8 +182,8 @@ EVAL_FILES = [("m0/conversations.jsonl", "conversation"), ("m0/scores.jsonl", "s
 
 @pytest.fixture(scope="module")
 def evaluations(runs, trained, tmp_path_factory, model_cache):
-    """05_eval.py on the straight run's data (one test pair, N = 2) with conftest's adapter as m1: once
-    straight through, once killed twice and resumed. Batch size 1, so the Judge's calls are cached one by one."""
+    """05_eval.py on the straight run's data (one test pair, N = 1) with conftest's adapter as m1: once
+    straight through, once killed and resumed. Batch size 1, so the Judge's calls are cached one by one."""
     root = tmp_path_factory.mktemp("eval")
     for name in ("straight", "killed"):
         shutil.copytree(runs[0] / "data", root / name / "data")
@@ -193,14 +192,15 @@ def evaluations(runs, trained, tmp_path_factory, model_cache):
     straight, killed = root / "straight", root / "killed"
     finish(step("05_eval.py", straight, root / "cache-straight", *EVAL))
     command = step("05_eval.py", killed, root / "cache-killed", *EVAL)
-    kills = kill_when(command, lambda: (killed / "eval" / "m1" / "conversations.jsonl").exists())  # m1 is scored
-    kills += kill_after(command, root / "cache-killed" / "judge_calls.jsonl", 1)  # first Judge call made
+    # Killed between the Judge's first and second call: every file before the judging is final by then
+    # and must be read back, not recomputed differently; the first call must come from the cache.
+    was_killed = kill_after(command, root / "cache-killed" / "judge_calls.jsonl", 1)
     finish(command)
-    return straight, killed, kills
+    return straight, killed, was_killed
 
 
-def test_evaluation_was_really_killed_twice(evaluations):
-    assert evaluations[2] == 2
+def test_evaluation_was_really_killed_while_judging(evaluations):
+    assert evaluations[2]
 
 
 @pytest.mark.parametrize("name,kind", EVAL_FILES)
