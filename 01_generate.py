@@ -18,7 +18,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from models import ModelPool
+from models import ModelPool, truncated
 from roles import ORACLE_GOLD_PROMPT, ORACLE_SYSTEM, PERSONA_PROMPT, gold_problem
 from utils import (StepError, parse_args, read_jsonl, record_args, run_main, seed_everything,
                    write_jsonl_atomic)
@@ -125,11 +125,12 @@ def main():
     bios = oracle.generate(persona_prompts, seed=args.seed, batch_size=args.batch_size,
                            desc="personas", **persona_settings)
     personas = []
+    persona_cut = truncated(oracle, persona_prompts, args.persona_max_tokens)  # prompts that did not fit
     for i, (split, name, bio) in enumerate(zip(persona_split, names, bios)):
         if not bio.strip():
             raise StepError(f"the Oracle wrote an empty bio for {name}; try another --seed or Oracle")
         personas.append({"persona_id": f"p{i:04d}", "split": split, "name": name, "bio": bio.strip(),
-                         "oracle": oracle.name, "sampling": persona_settings})
+                         "oracle": oracle.name, "sampling": persona_settings, "truncated": persona_cut[i]})
 
     # Gold responses: for every (task, persona) pair of a split, the Oracle answers the task knowing the
     # persona (greedy, <= 300 tokens, Sec. 4.1). These are what the Questioner's questions are scored on.
@@ -141,9 +142,10 @@ def main():
     gold_settings = dict(max_new_tokens=args.gold_max_tokens, temperature=0.0, top_p=1.0)
     answers = oracle.generate(gold_prompts, seed=args.seed, batch_size=args.batch_size, desc="gold responses",
                               **gold_settings)
+    gold_cut = truncated(oracle, gold_prompts, args.gold_max_tokens)
     gold = [{"task_id": t["task_id"], "persona_id": p["persona_id"], "split": t["split"], "gold": a.strip(),
-             "oracle": oracle.name, "sampling": gold_settings, "attempts": 1, "flag": gold_problem(a)}
-            for (t, p), a in zip(pairs, answers)]
+             "oracle": oracle.name, "sampling": gold_settings, "truncated": c, "attempts": 1,
+             "flag": gold_problem(a)} for (t, p), a, c in zip(pairs, answers, gold_cut)]
 
     # A gold answer that is a refusal, empty or a loop teaches nothing: ask again, sampling this time
     # (greedy would repeat itself), up to --gold_retries times. What is still flagged stays in the file,
@@ -162,6 +164,7 @@ def main():
     for g in gold:
         if g["flag"] is not None:
             flagged[g["flag"]] = flagged.get(g["flag"], 0) + 1
+    cut = sum(r["truncated"] for r in personas + gold)
 
     # Final files are written atomically, gold last: its presence means the step is complete.
     write_jsonl_atomic(out / "tasks.jsonl", tasks)
@@ -172,7 +175,8 @@ def main():
                   sum(g["split"] == s for g in gold)) for s in SPLITS}
     print(f"01_generate: wrote {out}: (tasks, personas, pairs) per split {json.dumps(counts)}; "
           f"{first_flagged} of {len(gold)} gold responses flagged at first, {sum(flagged.values())} still after "
-          f"{args.gold_retries} retries {json.dumps(flagged)} (left out of training and evaluation)")
+          f"{args.gold_retries} retries {json.dumps(flagged)} (left out of training and evaluation); "
+          f"{cut} Oracle prompts cut to fit its context")
 
 
 if __name__ == "__main__":

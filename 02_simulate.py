@@ -62,10 +62,11 @@ def simulate_pairs(questioner, roleplayer, pairs, args, iteration, final: Path, 
     keys = [(p["task_id"], p["persona_id"], n) for p in pairs for n in range(args.n_conversations)]
 
     def make_records(index, chunk, chunk_keys):
-        dialogues = simulate(questioner, roleplayer, chunk, gen, seed=stable_hash(args.seed, tag, index))
+        dialogues, cut = simulate(questioner, roleplayer, chunk, gen, seed=stable_hash(args.seed, tag, index))
         return [{"task_id": k[0], "persona_id": k[1], "conv_id": k[2], "iteration": iteration,
                  "n_turns": item["n_turns"], "questioner": questioner.name, "roleplayer": roleplayer.name,
-                 "messages": d, "sampling": gen} for k, item, d in zip(chunk_keys, chunk, dialogues)]
+                 "messages": d, "sampling": gen, "truncated": c}
+                for k, item, d, c in zip(chunk_keys, chunk, dialogues, cut)]
 
     return resumable(final, "conversation", items, keys, args.chunk_pairs * args.n_conversations,
                      f"simulate {tag}", make_records)
@@ -99,8 +100,10 @@ def main():
                                    tag=f"iter{args.iteration}")
     record_args(out / "args_02_simulate.json", args)
     turns = sum(p["n_turns"] for p in pairs) / len(pairs)
+    cut = sum(c.get("truncated", False) for c in conversations)
     print(f"02_simulate: wrote {len(conversations)} conversations ({len(pairs)} pairs of split {split} x "
-          f"{args.n_conversations}, {turns:.2f} turns on average) to {final}")
+          f"{args.n_conversations}, {turns:.2f} turns on average; {cut} with a prompt cut to fit the context) "
+          f"to {final}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ Writes  <run_dir>/iter{t}/scores.jsonl  the gold log-prob of EVERY conversation 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from models import ModelPool
+from models import ModelPool, truncated
 from roles import answer_view, questioner_view
 from utils import (StepError, load_pairs, parse_args, questioner_adapter, read_jsonl, record_args, record_key,
                    resumable, run_main, seed_everything, split_of_iteration)
@@ -88,7 +88,7 @@ def main():
         results = scorer.score(contexts, [pairs[k[:2]]["gold"] for k in keys], adapter=None, batch_size=args.batch_size)
         return [{"task_id": c["task_id"], "persona_id": c["persona_id"], "conv_id": c["conv_id"],
                  "iteration": args.iteration, "n_turns": c["n_turns"], "logprob": lp, "n_tokens": n,
-                 "scorer": scorer.spec} for c, (lp, n) in zip(chunk, results)]
+                 "scorer": scorer.spec, "truncated": cut} for c, (lp, n, cut) in zip(chunk, results)]
 
     keys = [record_key("conversation", c) for c in conversations]
     scores = resumable(out / "scores.jsonl", "score", conversations, keys, args.chunk_size, "score (Q_BASE)",
@@ -104,9 +104,11 @@ def main():
     def sft_records(_, chunk, keys):
         convs = [by_key[k] for k in keys]
         views = [answer_view(pairs[k[:2]]["name"], pairs[k[:2]]["task"], c["messages"]) for k, c in zip(keys, convs)]
+        cut = [False] * len(keys)
         if args.target == "own":
             finals = questioner.generate(views, max_new_tokens=args.answer_max_tokens, temperature=0.0,
                                          batch_size=args.batch_size)
+            cut = truncated(questioner, views, args.answer_max_tokens)
         elif args.target == "gold":
             finals = [pairs[k[:2]]["gold"] for k in keys]
         records = []
@@ -120,7 +122,7 @@ def main():
             records.append({"task_id": k[0], "persona_id": k[1], "conv_id": k[2], "iteration": args.iteration,
                             "logprob": s["logprob"], "target": args.target, "answerer": questioner.name,
                             "messages": [dict(m, train=i >= fixed and m["role"] == "assistant")
-                                         for i, m in enumerate(messages)]})
+                                         for i, m in enumerate(messages)], "truncated": cut[i]})
         return records
 
     keys = [record_key("score", s) for s in kept]
@@ -130,9 +132,10 @@ def main():
     mean = sum(s["logprob"] for s in scores) / len(scores)
     best = sum(s["logprob"] for s in kept) / len(kept)
     empty = sum(not r["messages"][-1]["content"] for r in sft)
+    cut_scores, cut_answers = (sum(r.get("truncated", False) for r in records) for records in (scores, sft))
     print(f"03_select: scored {len(scores)} conversations (mean gold log-prob {mean:.1f}, kept top-{args.top_k} "
           f"mean {best:.1f}); wrote {len(kept)} records (target {args.target}, {empty} empty final messages) "
-          f"to {out / 'sft.jsonl'}")
+          f"to {out / 'sft.jsonl'}; cut to fit the context: {cut_scores} scored pairs, {cut_answers} answer prompts")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ and resumes from its last checkpoint after a crash.
     accelerate launch 04_train.py --run_dir runs/paper --iteration 0 --questioner hf:mistralai/Mistral-7B-Instruct-v0.2
 """
 
+import json
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +67,25 @@ class PadCollator:
                 "attention_mask": torch.tensor([[1] * len(r["input_ids"]) + [0] * n for r, n in zip(rows, pad)])}
 
 
+def last_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint that Trainer finished writing, or None.
+
+    Trainer writes a checkpoint's files one by one, trainer_state.json last, and not atomically: a crash
+    while saving leaves a checkpoint folder without it, or with half of it. Trainer's own choice
+    (resume_from_checkpoint=True) is the highest-numbered folder, complete or not, so choose here.
+    """
+    complete = {}
+    for path in folder.glob("checkpoint-*"):
+        number = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError):  # missing, or cut off mid-write
+            continue
+        if number is not None:
+            complete[int(number.group(1))] = path
+    return complete[max(complete)] if complete else None
+
+
 def main():
     args = parse_args(Args)
     seed_everything(args.seed)
@@ -105,8 +126,13 @@ def main():
         save_total_limit=1, report_to="none", seed=args.seed, remove_unused_columns=False)
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset,
                       data_collator=PadCollator(tokenizer.pad_token_id))
-    resume = checkpoints.is_dir() and any(p.name.startswith("checkpoint-") for p in checkpoints.iterdir())
-    trainer.train(resume_from_checkpoint=True if resume else None)
+    # After a crash: continue from the last complete checkpoint. It holds the LoRA weights, AdamW's moments,
+    # the learning-rate schedule's position, the RNG states (dropout) and the step, from which Trainer skips
+    # the batches already seen in the same order, so the adapter equals that of an uninterrupted run.
+    resume = last_checkpoint(checkpoints)
+    if resume is not None and trainer.is_world_process_zero():
+        print(f"04_train: resuming from {resume}")
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
     # Save the adapter of Q_{t+1} atomically (write beside, then rename): its presence means "done".
     if trainer.is_world_process_zero():

@@ -25,7 +25,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from models import ModelPool, parse_spec
+from models import ModelPool, parse_spec, truncated
 from report import bootstrap_ci, load_metrics, min_detectable_effect, pair_outcome, win_rate, write_report
 from roles import JUDGE_PROMPT, JUDGE_SYSTEM, answer_view, parse_verdict
 from utils import (StepError, load_pairs, parse_args, questioner_adapter, read_jsonl, record_args, resumable,
@@ -51,7 +51,7 @@ class Args:
     answer_max_tokens: int = field(default=96, metadata={"help": "token cap of a Roleplayer answer"})
     final_max_tokens: int = field(default=300, metadata={"help": "token cap of a model's final answer"})
     judge_max_tokens: int = field(default=200, metadata={"help": "token cap of a Judge's comparison"})
-    n_bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples for the 95% intervals"})
+    n_bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples for the 95%% intervals"})
     baseline_dir: str = field(default="", metadata={
         "help": "another run on the same data whose eval/m0 can be reused (ablations share m0)"})
     ablation_dirs: list[str] = field(default_factory=list, metadata={
@@ -131,6 +131,11 @@ def main():
     scorer = pool.local(args.questioner)
     base = pool.chat(args.questioner)
 
+    cut = {}  # output file -> how many of its records come from a prompt cut to fit the context (metrics.json)
+
+    def count_cut(name, records):
+        cut[name] = sum(r.get("truncated", False) for r in records)
+
     def score(fields):
         """Gold log-prob after each record's dialogue, by Q_BASE (every adapter off), as in 03_select.py."""
         def make(_, chunk, keys):
@@ -138,7 +143,8 @@ def main():
                         for k, r in zip(keys, chunk)]
             results = scorer.score(contexts, [by_pair[k[:2]]["gold"] for k in keys], adapter=None,
                                    batch_size=args.batch_size)
-            return [{f: r[f] for f in fields} | {"logprob": lp, "n_tokens": n} for r, (lp, n) in zip(chunk, results)]
+            return [{f: r[f] for f in fields} | {"logprob": lp, "n_tokens": n, "truncated": c}
+                    for r, (lp, n, c) in zip(chunk, results)]
         return make
 
     def answer(model, folder, name, convs):
@@ -146,11 +152,12 @@ def main():
         def make(_, chunk, keys):
             views = [answer_view(by_pair[k[:2]]["name"], by_pair[k[:2]]["task"], c["messages"]) for k, c in zip(keys, chunk)]
             texts = model.generate(views, max_new_tokens=args.final_max_tokens, temperature=0.0, batch_size=args.batch_size)
-            return [{"task_id": k[0], "persona_id": k[1], "conv_id": k[2], "answer": a.strip(), "answerer": model.name}
-                    for k, a in zip(keys, texts)]
+            return [{"task_id": k[0], "persona_id": k[1], "conv_id": k[2], "answer": a.strip(), "answerer": model.name,
+                     "truncated": c} for k, a, c in zip(keys, texts, truncated(model, views, args.final_max_tokens))]
         keys = [(c["task_id"], c["persona_id"], c["conv_id"]) for c in convs]
-        return {k[:2]: r["answer"] for k, r in zip(keys, resumable(folder / name, "answer", convs, keys,
-                                                                   args.chunk_pairs, f"{folder.name} {name}", make))}
+        records = resumable(folder / name, "answer", convs, keys, args.chunk_pairs, f"{folder.name} {name}", make)
+        count_cut(f"{folder.name}/{name}", records)
+        return {k[:2]: r["answer"] for k, r in zip(keys, records)}
 
     # 1-3. Each model converses with the Roleplayer on every test pair, is scored, and answers.
     results = {}
@@ -161,6 +168,8 @@ def main():
         keys = [(c["task_id"], c["persona_id"], c["conv_id"]) for c in convs]
         scores = resumable(folder / "scores.jsonl", "score", convs, keys, args.chunk_pairs * args.n_conversations,
                            f"m{t} scores", score(("task_id", "persona_id", "conv_id", "iteration", "n_turns")))
+        count_cut(f"m{t}/conversations.jsonl", convs)
+        count_cut(f"m{t}/scores.jsonl", scores)
         first = [c for c in convs if c["conv_id"] == 0]
         results[t] = {"convs": convs, "scores": scores, "answers": answer(questioner, folder, "answers.jsonl", first)}
         if t > 0:  # "m_t asks, m0 answers": is the gain in the questions or in the answer?
@@ -180,6 +189,7 @@ def main():
             control_keys.append((k[0], k[1], name))
     controls = resumable(out / "controls.jsonl", "control", control_items, control_keys, 3 * args.chunk_pairs,
                          "controls", score(("task_id", "persona_id", "control")))
+    count_cut("controls.jsonl", controls)
 
     # 4. The Judge compares m_t's answer with m0's, in both orders (cached calls).
     # The verdict is parsed from the Judge's text. A local judge that wrote none (the embedded model rarely
@@ -199,16 +209,19 @@ def main():
         def make(_, chunk, chunk_keys):
             texts = judge.generate(chunk, max_new_tokens=args.judge_max_tokens, temperature=0.0, batch_size=args.batch_size)
             records = [{"task_id": k[0], "persona_id": k[1], "order": k[2], "judge": judge.name, "output": text,
-                        "verdict": parse_verdict(text)} for k, text in zip(chunk_keys, texts)]
+                        "verdict": parse_verdict(text), "truncated": c}
+                       for k, text, c in zip(chunk_keys, texts, truncated(judge, chunk, args.judge_max_tokens))]
             if judge_lm is not None:  # a local judge: read the verdict off its next-token likelihoods
                 ends = [f"{r['output']}\n\nVerdict: {x}" for r in records for x in "AB"]
                 lps = judge_lm.score([p for p in chunk for _ in "AB"], ends, batch_size=args.batch_size)
-                for r, (a, _), (b, _) in zip(records, lps[0::2], lps[1::2]):
+                for r, (a, _, cut_a), (b, _, cut_b) in zip(records, lps[0::2], lps[1::2]):
                     r["logprob_A"], r["logprob_B"] = a, b
+                    r["truncated"] = r["truncated"] or cut_a or cut_b
                     if r["verdict"] is None:
                         r["verdict"], r["verdict_source"] = "A" if a > b else "B" if b > a else None, "likelihood"
             return records
         records = resumable(folder / name, "judgment", items, keys, 2 * args.chunk_pairs, f"{folder.name} {name}", make)
+        count_cut(f"{folder.name}/{name}", records)
         verdicts = {(r["task_id"], r["persona_id"], r["order"]): r["verdict"] for r in records}
         return [pair_outcome(verdicts[(*k, "new_first")], verdicts[(*k, "new_second")]) for k in sorted(new)]
 
@@ -241,13 +254,14 @@ def main():
             m["asks_only"] = win_rate(judged(out / f"m{t}", "judgments_asks_only.jsonl", r["answers_m0"],
                                              results[0]["answers"]), args.n_bootstrap, args.seed)
         metrics["models"][f"m{t}"] = m
+    metrics["truncated"] = dict(sorted(cut.items()))  # judgments are counted by judged(), above
     ablations = {Path(d).name: load_metrics(d) for d in args.ablation_dirs if load_metrics(d)}
     write_json_atomic(out / "metrics.json", metrics)
     write_report(out, metrics, ablations)
     record_args(out / "args_05_eval.json", args)
     summary = ", ".join(f"m{t} {metrics['models'][f'm{t}']['win_rate']['win_rate']}" for t in models[1:])
-    print(f"05_eval: {len(pairs)} test pairs; win rate vs m0 (%): {summary or '-'}; "
-          f"report in {out / 'report.md'}")
+    print(f"05_eval: {len(pairs)} test pairs; win rate vs m0 (%): {summary or '-'}; {sum(cut.values())} "
+          f"records made from a prompt cut to fit the context (metrics.json: truncated); report in {out / 'report.md'}")
 
 
 if __name__ == "__main__":

@@ -193,6 +193,28 @@ def encode_for_training(tokenizer, messages, system_ok: bool = True):
     return ids, labels
 
 
+def cut_middle(ids: list, room: int) -> list:
+    """A token sequence shortened to `room` tokens by cutting out its middle (kept whole if it fits).
+
+    For a chat prompt the head holds the instructions (system prompt, worked example) and the tail the
+    latest turns and the generation prompt: what a model most needs to continue the dialogue.
+    """
+    if len(ids) <= room:
+        return ids
+    head = room // 2
+    return ids[:head] + ids[len(ids) - (room - head):]
+
+
+def context_override() -> int | None:
+    """STARGATE_CONTEXT_LENGTH, if set: a context shorter than the model's (tests; less memory)."""
+    value = os.environ.get("STARGATE_CONTEXT_LENGTH")
+    if value is None:
+        return None
+    if not value.isdigit() or int(value) < 2:
+        raise StepError(f"STARGATE_CONTEXT_LENGTH must be a whole number of tokens >= 2 (got {value!r})")
+    return int(value)
+
+
 # --- Local models -------------------------------------------------------------------------------------
 
 class LocalLM:
@@ -205,6 +227,11 @@ class LocalLM:
         eos = self.model.generation_config.eos_token_id  # e.g. Llama-3 and Gemma end turns with another token
         self.stop_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.adapters = {}
+        # The most positions the model was trained for (prompt + new tokens). Past it a model does not
+        # raise, it writes garbage; so prompts that do not fit lose their middle (cut_middle), and the
+        # steps record that in a "truncated" field.
+        limits = [n for n in (getattr(self.model.config, "max_position_embeddings", None), context_override()) if n]
+        self.context_length = min(limits) if limits else None
 
     @property
     def device(self):
@@ -238,12 +265,28 @@ class LocalLM:
             self.model.set_adapter(adapter)
         yield
 
+    def prompt_ids(self, prompt, max_new_tokens: int):
+        """(token ids, truncated) of a chat prompt that max_new_tokens will follow: a prompt that does not
+        fit the context with them loses its middle (cut_middle)."""
+        ids = encode_chat(self.tokenizer, prompt, system_ok=self.system_ok)[0]
+        if self.context_length is None or len(ids) + max_new_tokens <= self.context_length:
+            return ids, False
+        if max_new_tokens >= self.context_length:
+            raise StepError(f"{self.spec}: a cap of {max_new_tokens} new tokens leaves no room for the prompt in "
+                            f"its context of {self.context_length} tokens; lower the step's *_max_tokens")
+        return cut_middle(ids, self.context_length - max_new_tokens), True
+
+    def truncated(self, prompts, max_new_tokens: int) -> list[bool]:
+        """Which prompts generate() cuts to fit the context: a function of the prompt alone, so a step can
+        record it beside each output, also for outputs it reads back from a cache."""
+        return [self.prompt_ids(p, max_new_tokens)[1] for p in prompts]
+
     @torch.inference_mode()
     def generate(self, prompts, adapter=None, max_new_tokens=128, temperature=0.0, top_p=1.0, seed=0,
                  batch_size=16, desc=None):
         """Batched chat generation: prompts sorted by length, left padded, one seed per batch; rows that
         finish leave the batch at once (decoding.generate_batch), so no compute goes to padding."""
-        encoded = [encode_chat(self.tokenizer, p, system_ok=self.system_ok)[0] for p in prompts]
+        encoded = [self.prompt_ids(p, max_new_tokens)[0] for p in prompts]  # cut to fit the context, if need be
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
         outputs = [None] * len(encoded)
         stop = {self.tokenizer.eos_token_id, *self.stop_ids}
@@ -261,9 +304,12 @@ class LocalLM:
     def score(self, prompts, responses, adapter=None, batch_size=8, desc=None):
         """Summed log-prob of each response as the assistant turn after its prompt (teacher forcing).
 
-        Returns (logprob, n_tokens) pairs. Logits are computed only at the response positions.
+        Returns (logprob, n_tokens, truncated) triples: n_tokens response tokens were scored; truncated
+        says the pair did not fit the context and was cut (fit_scored). Logits are computed only at the
+        response positions.
         """
-        pairs = [encode_chat(self.tokenizer, p, r, self.system_ok) for p, r in zip(prompts, responses)]
+        pairs = [self.fit_scored(*encode_chat(self.tokenizer, p, r, self.system_ok))
+                 for p, r in zip(prompts, responses)]
         order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
         results = [None] * len(pairs)
         batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
@@ -285,8 +331,17 @@ class LocalLM:
                 token_logprobs = torch.log_softmax(logits, -1).gather(1, ids[rr, pp][:, None])[:, 0]
                 sums = torch.zeros(len(rows), device=self.device).index_add_(0, rr, token_logprobs)
                 for r, i in enumerate(rows):
-                    results[i] = (sums[r].item(), len(pairs[i][1]))
+                    results[i] = (sums[r].item(), len(pairs[i][1]), pairs[i][2])
         return results
+
+    def fit_scored(self, prompt_ids, response_ids):
+        """(prompt, response, truncated) within the context. The prompt loses its middle first; a response
+        longer than half the context keeps only its head, and n_tokens then says how much was scored."""
+        n = self.context_length
+        if n is None or len(prompt_ids) + len(response_ids) <= n:
+            return prompt_ids, response_ids, False
+        prompt_ids = cut_middle(prompt_ids, max(n - len(response_ids), n // 2))
+        return prompt_ids, response_ids[:n - len(prompt_ids)], True
 
 
 class ModelPool:
@@ -333,6 +388,15 @@ class LocalChat:
                                 batch_size, desc)
 
 
+def truncated(chat, prompts, max_new_tokens: int) -> list[bool]:
+    """Which prompts a role's model cut to fit its context when it generated from them (LocalLM.truncated).
+    Only local models cut; a server refuses a prompt that does not fit (OpenAIChat: a clear error)."""
+    inner = chat.inner if isinstance(chat, CachedChat) else chat
+    if isinstance(inner, LocalChat):
+        return inner.lm.truncated(prompts, max_new_tokens)
+    return [False] * len(prompts)
+
+
 # --- OpenAI-compatible servers ------------------------------------------------------------------------
 
 class OpenAIChat:
@@ -376,6 +440,14 @@ class OpenAIChat:
             raise StepError(f"cannot reach the OpenAI-compatible server at {self.base_url} "
                             "(set OPENAI_BASE_URL or openai:<model>@<url>)") from None
         except openai.APIStatusError as error:
+            # OpenAI, vLLM and llama.cpp refuse a request longer than the model's context with a 400
+            # (code context_length_exceeded): nothing is cut on a server, so say which settings to change.
+            if error.status_code == 400 and (error.code == "context_length_exceeded"
+                                             or "context length" in str(error).lower()):
+                detail = error.body.get("message") if isinstance(error.body, dict) else str(error)
+                raise StepError(f"{self.base_url}: a prompt plus max_tokens={max_new_tokens} does not fit the context "
+                                f"of {self.name} ({str(detail)[:200]}); lower the step's *_max_tokens setting or "
+                                "give the server a longer context (llama.cpp --n_ctx, vLLM --max-model-len)") from None
             raise StepError(f"{self.base_url} answered {error.status_code}: {str(error)[:200]}") from None
         return reply.choices[0].message.content or ""
 

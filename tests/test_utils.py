@@ -1,8 +1,10 @@
 """Unit tests for the plumbing in utils.py (JSONL hand-offs, seeds) and the pure functions of roles.py."""
 
+import importlib
 import json
 
 import pytest
+from transformers import HfArgumentParser
 
 import roles
 import utils
@@ -436,9 +438,10 @@ def test_simulate_runs_each_conversation_for_its_own_number_of_turns():
     items = [{"name": "Maya", "task": "Dinner?", "bio": "bio M", "n_turns": 2},
              {"name": "Ben", "task": "Lunch?", "bio": "bio B", "n_turns": 1}]
     gen = {"questioner": {"max_new_tokens": 8}, "roleplayer": {"max_new_tokens": 9}}
-    dialogues = roles.simulate(questioner, roleplayer, items, gen, seed=5)
+    dialogues, cut = roles.simulate(questioner, roleplayer, items, gen, seed=5)
     turn = [{"role": "assistant", "content": "Any allergies?"}, {"role": "user", "content": "Peanuts."}]
     assert dialogues == [turn + turn, turn]
+    assert cut == [False, False]  # not local models: only a local model cuts a prompt to fit its context
     assert [len(prompts) for prompts, _, _ in questioner.seen] == [2, 1]
     assert [seed for _, seed, _ in questioner.seen] == [5, 1005]
     assert questioner.seen[0][2] == {"max_new_tokens": 8} and roleplayer.seen[0][2] == {"max_new_tokens": 9}
@@ -446,3 +449,11 @@ def test_simulate_runs_each_conversation_for_its_own_number_of_turns():
     first_rp_prompt = roleplayer.seen[0][0][0]
     assert "bio M" in first_rp_prompt[0]["content"]
     assert first_rp_prompt[1:] == [{"role": "user", "content": "Any allergies?"}]
+
+
+@pytest.mark.parametrize("step", ["01_generate", "02_simulate", "03_select", "04_train", "05_eval"])
+def test_every_step_can_print_its_help(step):
+    """--help comes from the step's Args dataclass through argparse, which %-formats every help text: a bare
+    '%' in one (05's "95% intervals" was) turns --help into a traceback."""
+    text = HfArgumentParser(importlib.import_module(step).Args).format_help()
+    assert "--run_dir" in text and "--seed" in text
