@@ -1,20 +1,25 @@
-"""Batched decoding that drops finished rows, so no compute is spent on them (HF generate keeps them).
+"""Batched decoding that prefills shared prompt prefixes once and drops finished rows, so no compute is
+spent on them (HF generate prefills every prompt whole and keeps finished rows).
 
-`generate_batch` prefills a left-padded batch once, then runs a KV-cached decode loop in which a row
-that emits the end-of-sequence token (or reaches max_new_tokens) is removed from the batch: the cache,
-the attention mask and the positions are index-selected along the batch dimension. When the rows that
+`generate_batch` prefills a batch, then runs a KV-cached decode loop in which a row that emits the
+end-of-sequence token (or reaches max_new_tokens) is removed from the batch: its slot in the cache, the
+attention mask and the positions is filled by a row from the end of the batch. When the rows that
 remain all share some leading padding, those columns are cut from the cache and the mask as well.
 
-Shared prompt prefixes are prefilled once. In STaR-GATE most of a prompt is shared: every Questioner
-prompt starts with the same instructions and worked example, and the N conversations of a pair share
-the persona and task. A turn generates 10-60 tokens after a 250-400 token prompt, so the prefill is most
-of the work. `plan_prefill` splits each prompt into three segments: the root (tokens every row starts
-with), its group's part (tokens it shares with the other rows of its group) and its own rest. The
-prefill then runs three forward passes, one per level, each on a left-padded batch: the root once, the
-groups' parts once per group, the rows' rests once per row; before each pass the KV cache is copied
-from parent to children (cache rows index-selected by the parent's index). Each row's attention mask
-then has padding zeros between its segments; positions count real tokens only (cumsum of the mask - 1),
-so every row sees exactly the positions and keys it would see alone.
+Shared prefixes. In STaR-GATE most of a prompt is shared: every Questioner prompt starts with the same
+instructions and worked example, and the N conversations of a pair share the persona and task. A turn
+generates 10-60 tokens after a 250-400 token prompt, so the prefill is most of the work. `plan_prefill`
+splits each prompt into three segments: the root (tokens every prompt starts with), its group's part
+(tokens it shares with the other prompts of its group) and its own rest. The prefill runs one forward
+pass per level, each on a left-padded batch: the root once, each group's part once, each rest once.
+Before a level, each of its rows gets a copy of its parent's cache row. A row's attention mask then has
+padding zeros between its segments, and its positions count its real tokens only (the mask's cumsum,
+minus one), so it attends to the keys, at the positions, that it would have alone:
+
+    row   root (1 row)   groups (2 rows)   rests (3 rows)      mask (1 = real token)
+    0     S S S S        _ _ p p p         _ _ a a             1111 00111 0011
+    1     S S S S        _ _ p p p         b b b b             1111 00111 1111
+    2     S S S S        q q q q q         _ _ _ c             1111 11111 0001
 
 Greedy decoding (temperature == 0) reproduces HF `model.generate(do_sample=False)` token for token
 up to floating-point noise: a row in a padded batch can drift from the same row generated alone, as it
@@ -23,8 +28,8 @@ does with HF's own batched generate, because the matmuls see different shapes (s
 Sampling (temperature > 0) applies temperature, then top-p (nucleus) filtering as HF's
 TopPLogitsWarper does (keep the smallest set of tokens whose probability reaches top_p, at least one),
 and draws one token per row with torch.multinomial from the given generator. As with HF's batched
-sampling, which numbers a row receives depends on the batch composition (its position in the batch and
-which rows are still running), so a prompt's sample depends on what it was batched with; runs with the
+sampling, which numbers a row receives depends on the batch composition (its place among the rows
+still running, in the order they were given), so a prompt's sample depends on what it was batched with; runs with the
 same batches, seed and thread count are reproducible.
 """
 
@@ -88,8 +93,9 @@ class _BufferLayer(DynamicLayer):
     DynamicLayer.update copies the whole layer cache every step (torch.cat), ~10% of a decode step here.
     This layer allocates room for `capacity` positions at its first update (the whole prompt and every
     new token) and exposes `keys`/`values` as views [:, :, start:end] of the buffer, so a step writes one
-    position. Selecting rows (dropping finished ones, or copying a shared prefix to the rows that share
-    it) index-selects the buffer, one copy as DynamicLayer does; cutting leading padding moves `start`.
+    position. Dropping finished rows copies only the rows that move into their slots (_fill_holes);
+    other selections (copying a shared prefix to the rows that share it) index-select the buffer, one
+    copy as DynamicLayer does. Cutting leading padding moves `start`.
     """
 
     def __init__(self, capacity: int):
@@ -120,9 +126,19 @@ class _BufferLayer(DynamicLayer):
         self.values = self.value_buffer[:, :, self.start:self.end]
 
     def batch_select_indices(self, indices):
-        if self.is_initialized:
+        if not self.is_initialized:
+            return
+        m = len(indices)
+        moved = (indices != torch.arange(m, device=indices.device)).nonzero()[:, 0]
+        if m <= self.key_buffer.shape[0] and bool((indices[moved] >= m).all()):
+            # Rows in the first m slots stay; rows from beyond them fill the holes: copy only those.
+            source = indices[moved]
+            self.key_buffer[moved] = self.key_buffer[source]
+            self.value_buffer[moved] = self.value_buffer[source]
+            self.key_buffer, self.value_buffer = self.key_buffer[:m], self.value_buffer[:m]
+        else:
             self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
-            self._views()
+        self._views()
 
     def drop_leading(self, positions: int):
         self.start += positions
@@ -275,6 +291,20 @@ def _prefill(model, cache_kw, extra, cache, plan: PrefillPlan, pad_token_id: int
     return out.logits[:, -1, :], mask
 
 
+def _fill_holes(keep: list[int]) -> list[int]:
+    """New slot order of a batch from which rows were dropped (keep: the slots that stay, ascending).
+
+    A row in the first len(keep) slots keeps its slot; the rows beyond fill the holes, so the cache
+    copies only the rows that move (_BufferLayer.batch_select_indices).
+    """
+    m = len(keep)
+    holes = sorted(set(range(m)) - set(keep))
+    index = list(range(m))
+    for hole, row in zip(holes, [j for j in keep if j >= m]):
+        index[hole] = row
+    return index
+
+
 def generate_batch(model, prompt_ids: list[list[int]], max_new_tokens: int, eos_token_id, pad_token_id: int,
                    temperature: float = 0.0, top_p: float = 1.0,
                    generator: torch.Generator | None = None, min_shared: int = 8) -> list[list[int]]:
@@ -284,8 +314,8 @@ def generate_batch(model, prompt_ids: list[list[int]], max_new_tokens: int, eos_
     eos_token_id: an int, or a collection of ints any of which ends a row.
     temperature == 0: greedy. Otherwise temperature + top-p sampling drawn from `generator` (a
     torch.Generator on the model's device, or None for torch's global generator); a row's sample
-    depends on its batch (see the module docstring). The caller chooses the batch (sorting prompts by
-    length keeps the padding small).
+    depends on its batch (see the module docstring). The caller chooses the batch (LocalLM.generate
+    batches prompts that share a prefix together, longest first, so that little padding is computed).
     min_shared: prompt prefixes shared by at least this many tokens are prefilled once (plan_prefill);
     0 turns that off. Models whose cache is not plain full attention (e.g. sliding windows) never share.
     """
@@ -311,7 +341,11 @@ def generate_batch(model, prompt_ids: list[list[int]], max_new_tokens: int, eos_
         rows = list(range(len(prompt_ids)))  # original index of each row still in the batch
 
         for step in range(max_new_tokens):
-            tokens = _pick(logits, temperature, top_p, generator)
+            # Rows move between slots as others finish (_fill_holes); they are picked in their original
+            # order, so that a row's random draws do not depend on its slot.
+            order = torch.tensor(sorted(range(len(rows)), key=rows.__getitem__), device=device)
+            tokens = torch.empty_like(order)
+            tokens[order] = _pick(logits[order], temperature, top_p, generator)
             keep = []
             for j, (row, token) in enumerate(zip(rows, tokens.tolist())):
                 if token in eos:
@@ -321,10 +355,10 @@ def generate_batch(model, prompt_ids: list[list[int]], max_new_tokens: int, eos_
             if not keep or step == max_new_tokens - 1:
                 break
             if len(keep) < len(rows):  # drop finished rows everywhere before the next step
-                index = torch.tensor(keep, device=device)
+                index = torch.tensor(_fill_holes(keep), device=device)
                 cache.batch_select_indices(index)
                 mask, next_position, tokens = mask[index], next_position[index], tokens[index]
-                rows = [rows[j] for j in keep]
+                rows = [rows[j] for j in index.tolist()]
                 mask = _trim_leading_padding(cache, mask)
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=-1)
             out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_position,

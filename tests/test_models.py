@@ -333,11 +333,20 @@ def test_shared_prefixes_generate_what_plain_batches_and_single_prompts_do(lm, s
 
 
 def test_shared_prefixes_sample_reproducibly(lm, sharing_ids):
-    run = lambda seed: decoding.generate_batch(lm.model, sharing_ids, 12, lm.tokenizer.eos_token_id,
-                                               lm.tokenizer.pad_token_id, temperature=0.9, top_p=0.9,
-                                               generator=torch.Generator().manual_seed(seed))
+    run = lambda seed, **kw: decoding.generate_batch(lm.model, sharing_ids, 20, lm.tokenizer.eos_token_id,
+                                                     lm.tokenizer.pad_token_id, temperature=0.9, top_p=0.9,
+                                                     generator=torch.Generator().manual_seed(seed), **kw)
     first = run(5)
+    assert min(map(len, first)) < 20  # rows finish early, and later rows move into their slots
     assert run(5) == first and run(6) != first
+    assert run(5, min_shared=0) == first  # reusing prefixes does not change what a seed samples
+
+
+def test_fill_holes_moves_only_rows_from_beyond_the_kept_slots():
+    assert decoding._fill_holes([0, 1, 2]) == [0, 1, 2]
+    assert decoding._fill_holes([0, 2, 4, 5]) == [0, 4, 2, 5]  # slots 1 and 3 emptied: rows 4 and 5 move in
+    assert decoding._fill_holes([3, 4]) == [3, 4]
+    assert decoding._fill_holes([1, 2]) == [2, 1]
 
 
 # --- LoRA adapters ----------------------------------------------------------------------------------------
