@@ -29,8 +29,8 @@ Sampling (temperature > 0) applies temperature, then top-p (nucleus) filtering a
 TopPLogitsWarper does (keep the smallest set of tokens whose probability reaches top_p, at least one),
 and draws one token per row with torch.multinomial from the given generator. As with HF's batched
 sampling, which numbers a row receives depends on the batch composition (its place among the rows
-still running, in the order they were given), so a prompt's sample depends on what it was batched with; runs with the
-same batches, seed and thread count are reproducible.
+still running, in the order they were given), so a prompt's sample depends on what it was batched
+with; runs with the same batches, seed and thread count are reproducible.
 """
 
 import inspect
@@ -208,14 +208,21 @@ class PrefillPlan:
         """Columns of the prefilled cache: each level is as wide as its longest segment."""
         return len(self.root) + max(map(len, self.groups)) + max(map(len, self.rests))
 
+    @property
+    def positions(self) -> int:
+        """Positions the prefill computes, padding included: per level, rows x its longest segment."""
+        return (len(self.root) + len(self.groups) * max(map(len, self.groups))
+                + len(self.rests) * max(map(len, self.rests)))
+
 
 def plan_prefill(prompt_ids: list[list[int]], min_shared: int = 8) -> PrefillPlan:
     """Split the prompts into a root and groups that share at least min_shared more tokens.
 
     Sorted by their tokens, prompts that share a prefix are neighbours; the sorted list is cut into runs
     (the groups) so as to save the most tokens: a group of k prompts that share s tokens after the root
-    saves (k - 1) x s. When nothing is shared (or min_shared <= 0) the plan is one plain left-padded
-    batch: the whole prompts as rests.
+    saves (k - 1) x s. When nothing is shared (or min_shared <= 0), or when padding would make the plan
+    compute more positions than one plain left-padded batch, the plan is that batch: the whole prompts
+    as rests.
     """
     n = len(prompt_ids)
     plain = PrefillPlan([], [[]], [0] * n, [list(p) for p in prompt_ids])
@@ -252,7 +259,8 @@ def plan_prefill(prompt_ids: list[list[int]], min_shared: int = 8) -> PrefillPla
         for i in run:
             group[i] = g
     rests = [p[root + len(groups[group[i]]):] for i, p in enumerate(prompt_ids)]
-    return PrefillPlan(list(prompt_ids[0][:root]), groups, group, rests)
+    plan = PrefillPlan(list(prompt_ids[0][:root]), groups, group, rests)
+    return plan if plan.positions < plain.positions else plain
 
 
 def _left_pad(segments: list[list[int]], pad_token_id: int, device):
@@ -274,7 +282,6 @@ def _prefill(model, cache_kw, extra, cache, plan: PrefillPlan, pad_token_id: int
               (plan.groups, [0] * len(plan.groups)),
               (plan.rests, plan.group)]
     mask = torch.ones(1, 0, dtype=torch.long, device=device)
-    out = None
     for segments, parent in levels:
         if parent is not None:
             index = torch.tensor(parent, device=device)

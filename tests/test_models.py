@@ -294,8 +294,11 @@ def test_plan_prefill_splits_each_prompt_into_root_group_and_rest():
     # Identical prompts share all but their last token.
     same = decoding.plan_prefill([a, a], min_shared=16)
     assert same.root == a[:-1] and same.rests == [a[-1:], a[-1:]]
-    # No sharing: min_shared 0, one prompt, or prompts that share too little.
-    for ids in ([prompts, 0], [[a], 16], [[a, b, [7, 8]], 31]):
+    # No sharing: min_shared 0, one prompt, prompts that share too little, or so little that the
+    # padding between segments would cost more than it saves.
+    pair = [[1] * 10 + [2 + i] * 52 for i in range(2)]  # two long prompts that share 10 tokens
+    alone = [[100 + j] * 12 for j in range(20)]  # twenty short ones that share nothing
+    for ids in ([prompts, 0], [[a], 16], [[a, b, [7, 8]], 31], [pair + alone, 8]):
         plain = decoding.plan_prefill(*ids)
         assert plain.root == [] and plain.groups == [[]] and plain.rests == ids[0]
 
