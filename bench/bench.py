@@ -109,12 +109,12 @@ def main():
     local = pool.chat("embedded")
     tokens, seconds, n = time_simulation(local, local, batch, lm.tokenizer, gen)
     ours = tokens / seconds
-    rows.append(("simulation, ours (batched, prefixes reused)", ours, infer_limit, f"{60 * n / seconds:.1f} conv/min"))
+    rows.append(("simulation, ours (prefixes reused)", ours, infer_limit, f"{60 * n / seconds:.1f} conv/min"))
     min_shared, lm.min_shared = lm.min_shared, 0  # every prompt prefilled whole: what prefix reuse gains
     tokens, seconds, n = time_simulation(local, local, batch, lm.tokenizer, gen)
     lm.min_shared = min_shared
     unshared = tokens / seconds
-    rows.append(("simulation, ours without prefix reuse", unshared, infer_limit, f"{60 * n / seconds:.1f} conv/min"))
+    rows.append(("simulation, ours, no prefix reuse", unshared, infer_limit, f"{60 * n / seconds:.1f} conv/min"))
     naive_batch = items(args.naive_pairs, args.n_conversations)
     naive = NaiveChat(lm)
     tokens, seconds, n = time_simulation(naive, naive, naive_batch, lm.tokenizer, gen)
