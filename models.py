@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from decoding import generate_batch
+from decoding import generate_batch, plan_prefill
 from utils import StepError, append_jsonl, read_partial
 
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -232,6 +232,7 @@ class LocalLM:
         # steps record that in a "truncated" field.
         limits = [n for n in (getattr(self.model.config, "max_position_embeddings", None), context_override()) if n]
         self.context_length = min(limits) if limits else None
+        self.min_shared = 8  # prompt prefixes shared by this many tokens are prefilled once (0: never)
 
     @property
     def device(self):
@@ -284,10 +285,17 @@ class LocalLM:
     @torch.inference_mode()
     def generate(self, prompts, adapter=None, max_new_tokens=128, temperature=0.0, top_p=1.0, seed=0,
                  batch_size=16, desc=None):
-        """Batched chat generation: prompts sorted by length, left padded, one seed per batch; rows that
-        finish leave the batch at once (decoding.generate_batch), so no compute goes to padding."""
+        """Batched chat generation, one seed per batch. Prompt prefixes shared by several prompts are
+        prefilled once, and rows that finish leave the batch at once (decoding.generate_batch).
+
+        Prompts that share a prefix (a pair's N conversations) are batched together, groups and the
+        prompts within a group longest first, so that little padding is computed."""
         encoded = [self.prompt_ids(p, max_new_tokens)[0] for p in prompts]  # cut to fit the context, if need be
-        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+        group = plan_prefill(encoded, self.min_shared).group if encoded else []
+        longest = {}
+        for i, g in enumerate(group):
+            longest[g] = max(longest.get(g, 0), len(encoded[i]))
+        order = sorted(range(len(encoded)), key=lambda i: (-longest[group[i]], group[i], -len(encoded[i])))
         outputs = [None] * len(encoded)
         stop = {self.tokenizer.eos_token_id, *self.stop_ids}
         batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
@@ -295,7 +303,7 @@ class LocalLM:
             for b, rows in enumerate(tqdm(batches, desc=desc, leave=False, disable=desc is None)):
                 generator = torch.Generator(self.device).manual_seed(seed + b)
                 new = generate_batch(self.model, [encoded[i] for i in rows], max_new_tokens, stop,
-                                     self.tokenizer.pad_token_id, temperature, top_p, generator)
+                                     self.tokenizer.pad_token_id, temperature, top_p, generator, self.min_shared)
                 for i, ids in zip(rows, new):
                     outputs[i] = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
         return outputs

@@ -5,9 +5,10 @@ the machine's own limit, all measured in this one run on this machine.
     python bench/bench.py --e2e      # also wall time and peak memory of `bash run_all.sh` (tiny preset)
 
 1. Simulation: the same conversations (fixed pairs, seeds and token caps; Questioner T 0.9 / top_p 0.9,
-   Roleplayer greedy) through (a) the project's local backend (batched, finished rows dropped), (b) a naive
-   loop that generates one conversation at a time with HF generate, (c) the project's openai: backend
-   against a llama.cpp server on 127.0.0.1 serving the same GGUF. Useful tokens = tokens returned.
+   Roleplayer greedy) through (a) the project's local backend (batched, shared prompt prefixes prefilled
+   once, finished rows dropped), and the same without prefix reuse, (b) a naive loop that generates one
+   conversation at a time with HF generate, (c) the project's openai: backend against a llama.cpp server on
+   127.0.0.1 serving the same GGUF. Useful tokens = tokens returned.
 2. Scoring: summed log-prob of gold responses, batched vs one at a time.
 3. Training: tokens/s of LoRA steps (forward + backward + AdamW) on the fp32 model.
 4. The limit: measured fp32 matmul GFLOP/s divided by FLOPs per token (2 x parameters for inference,
@@ -108,7 +109,12 @@ def main():
     local = pool.chat("embedded")
     tokens, seconds, n = time_simulation(local, local, batch, lm.tokenizer, gen)
     ours = tokens / seconds
-    rows.append(("simulation, ours (batched)", ours, infer_limit, f"{60 * n / seconds:.1f} conv/min"))
+    rows.append(("simulation, ours (prefixes reused)", ours, infer_limit, f"{60 * n / seconds:.1f} conv/min"))
+    min_shared, lm.min_shared = lm.min_shared, 0  # every prompt prefilled whole: what prefix reuse gains
+    tokens, seconds, n = time_simulation(local, local, batch, lm.tokenizer, gen)
+    lm.min_shared = min_shared
+    unshared = tokens / seconds
+    rows.append(("simulation, ours, no prefix reuse", unshared, infer_limit, f"{60 * n / seconds:.1f} conv/min"))
     naive_batch = items(args.naive_pairs, args.n_conversations)
     naive = NaiveChat(lm)
     tokens, seconds, n = time_simulation(naive, naive, naive_batch, lm.tokenizer, gen)
@@ -179,6 +185,7 @@ def main():
 
     print(f"\nours / llama.cpp (simulation): {ours / llama_rate:.2f}x" if llama_rate else "\nours / llama.cpp: -")
     print(f"ours / naive (simulation):     {ours / naive_rate:.2f}x")
+    print(f"prefix reuse (simulation):     {ours / unshared:.2f}x")
     print(f"ours / limit (simulation):     {ours / infer_limit:.1%}")
     scoring = next(rate for label, rate, _, _ in rows if label.startswith("scoring, batched"))
     print(f"ours / limit (scoring):        {scoring / infer_limit:.1%}")

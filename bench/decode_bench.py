@@ -2,7 +2,10 @@
 
 "Useful" tokens are those a caller gets back: generated ids up to, and excluding, the first eos.
 HF generate keeps decoding rows that already finished (as padding) until the whole batch is done;
-generate_batch drops them from the batch (and the KV cache) as soon as they finish.
+generate_batch drops them from the batch (and the KV cache) as soon as they finish. It also prefills a
+prompt prefix shared by several rows once (here the short system prompt that all prompts start with;
+in the simulation the Questioner's instructions and worked example, a pair's persona and task): the
+last row runs the largest batch again with that turned off (--min_shared 0).
 
 Run from the repository root:  python bench/decode_bench.py  (about 4-5 minutes on 2 idle cores).
 First a quick correctness check (greedy, 4 prompts): generate_batch must equal HF generate(do_sample=False)
@@ -72,12 +75,12 @@ def run_hf(model, prompts, batch_size, args, pad, eos):
     return outputs, row_steps
 
 
-def run_ours(model, prompts, batch_size, args, pad, eos):
+def run_ours(model, prompts, batch_size, args, pad, eos, min_shared):
     outputs = []
     for b, start in enumerate(range(0, len(prompts), batch_size)):
         generator = torch.Generator().manual_seed(args.seed + b)
         outputs += generate_batch(model, prompts[start:start + batch_size], args.max_new_tokens, eos, pad,
-                                  args.temperature, args.top_p, generator)
+                                  args.temperature, args.top_p, generator, min_shared)
     # each row costs its useful tokens plus the step that produced eos (if it stopped early)
     row_steps = sum(len(o) + (len(o) < args.max_new_tokens) for o in outputs)
     return outputs, row_steps
@@ -108,6 +111,7 @@ def main():
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--hf_batches", type=int, nargs="*", default=[8, 32])
     parser.add_argument("--our_batches", type=int, nargs="*", default=[8, 32, 64])
+    parser.add_argument("--min_shared", type=int, default=8, help="generate_batch: shortest prefix prefilled once")
     parser.add_argument("--skip_check", action="store_true")
     parser.add_argument("--cache_dir", default=str(ROOT / "cache"))
     args = parser.parse_args()
@@ -132,8 +136,11 @@ def main():
     runs = [("HF generate, one at a time", lambda: run_hf(model, single, 1, args, pad, eos), len(single))]
     runs += [(f"HF generate, batch {b}", (lambda b=b: run_hf(model, prompts, b, args, pad, eos)), len(prompts))
              for b in args.hf_batches]
-    runs += [(f"generate_batch, batch {b}", (lambda b=b: run_ours(model, prompts, b, args, pad, eos)),
+    runs += [(f"generate_batch, batch {b}", (lambda b=b: run_ours(model, prompts, b, args, pad, eos, args.min_shared)),
               len(prompts)) for b in args.our_batches]
+    b = max(args.our_batches)
+    runs += [(f"generate_batch, batch {b}, no prefix reuse", lambda: run_ours(model, prompts, b, args, pad, eos, 0),
+              len(prompts))]
 
     rows = []
     for name, fn, n in runs:

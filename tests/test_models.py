@@ -10,6 +10,7 @@ import torch
 from conftest import requires_cuda
 from transformers import AutoTokenizer
 
+import decoding
 import models
 import roles
 from utils import StepError
@@ -62,7 +63,7 @@ def test_parse_spec_rejects_unknown_specs(spec):
 
 
 def test_load_local_rejects_remote_and_missing_models(tmp_path):
-    with pytest.raises(StepError, match="remote model"):
+    with pytest.raises(StepError, match="not a local model"):
         models.load_local("openai:gpt-4o-mini", tmp_path)
     with pytest.raises(StepError, match="cannot load model 'hf:/nonexistent/model-dir'"):
         models.load_local("hf:/nonexistent/model-dir", tmp_path)
@@ -253,6 +254,102 @@ def test_sampled_generation_repeats_with_the_same_seed(lm):
     first = lm.generate(PROMPTS[:2], max_new_tokens=8, temperature=1.0, seed=3)
     assert lm.generate(PROMPTS[:2], max_new_tokens=8, temperature=1.0, seed=3) == first
     assert lm.generate(PROMPTS[:2], max_new_tokens=8, temperature=1.0, seed=4) != first
+
+
+# Prompts as the simulation builds them: Questioner views share the instructions and worked example (the
+# root), a pair's conversations share its request (a group; identical prompts at the first turn), the
+# Roleplayer's views share the persona; and a short unrelated prompt that shares almost nothing.
+BIO = "My name is Maya. I am a nurse in Leeds, vegan, on a tight budget, and I cook for two kids."
+SHARING = [
+    roles.questioner_view("Maya", "Suggest a recipe for dinner.", []),
+    roles.questioner_view("Maya", "Suggest a recipe for dinner.", []),
+    roles.questioner_view("Bob", "Plan a trip to Rome.", [{"role": "assistant", "content": "When will you go?"},
+                                                         {"role": "user", "content": "In May, with my two kids."}]),
+    roles.questioner_view("Bob", "Plan a trip to Rome.", [{"role": "assistant", "content": "What is your budget?"},
+                                                         {"role": "user", "content": "Low."}]),
+    roles.roleplayer_view(BIO, "Suggest a recipe.", [{"role": "assistant", "content": "Any allergies?"}]),
+    roles.roleplayer_view(BIO, "Suggest a recipe.", [{"role": "assistant", "content": "Who do you cook for?"}]),
+    PROMPTS[0],
+]
+
+
+@pytest.fixture(scope="module")
+def sharing_ids(lm):
+    return [models.encode_chat(lm.tokenizer, p, system_ok=lm.system_ok)[0] for p in SHARING]
+
+
+def test_plan_prefill_splits_each_prompt_into_root_group_and_rest():
+    a, b = list(range(40)), list(range(30)) + [99] * 12
+    prompts = [a + [1], a + [2, 3], a + [1], b, [7, 8]]
+    plan = decoding.plan_prefill(prompts, min_shared=16)
+    for p, g, rest in zip(prompts, plan.group, plan.rests):
+        assert plan.root + plan.groups[g] + rest == p and rest  # the pieces rebuild the prompt; rest never empty
+    # The three prompts that start with `a` and `b` (30 shared tokens) form one group: 3 x 30 saved tokens
+    # beat 2 x 40 without `b`. [7, 8] shares nothing: a group of its own, its last token as its rest.
+    assert plan.root == [] and plan.group == [0, 0, 0, 0, 1]
+    assert plan.groups == [list(range(30)), [7]] and plan.rests[4] == [8]
+    # A root: every prompt starts with the same 20 tokens.
+    rooted = decoding.plan_prefill([[5] * 20 + p for p in prompts], min_shared=16)
+    assert rooted.root == [5] * 20 and rooted.groups == plan.groups and rooted.rests == plan.rests
+    # Identical prompts share all but their last token.
+    same = decoding.plan_prefill([a, a], min_shared=16)
+    assert same.root == a[:-1] and same.rests == [a[-1:], a[-1:]]
+    # No sharing: min_shared 0, one prompt, prompts that share too little, or so little that the
+    # padding between segments would cost more than it saves.
+    pair = [[1] * 10 + [2 + i] * 52 for i in range(2)]  # two long prompts that share 10 tokens
+    alone = [[100 + j] * 12 for j in range(20)]  # twenty short ones that share nothing
+    for ids in ([prompts, 0], [[a], 16], [[a, b, [7, 8]], 31], [pair + alone, 8]):
+        plain = decoding.plan_prefill(*ids)
+        assert plain.root == [] and plain.groups == [[]] and plain.rests == ids[0]
+
+
+def test_plan_prefill_leaves_a_group_that_would_save_less():
+    long, short = list(range(200)), list(range(20))
+    prompts = [long + [1], long + [2], short + [3] * 50]
+    plan = decoding.plan_prefill(prompts, min_shared=16)
+    # All three share 20 tokens (the root); one group of three would save nothing more, the first two
+    # share 180 more.
+    assert plan.root == short and plan.group[0] == plan.group[1] != plan.group[2]
+    assert plan.groups[plan.group[0]] == long[20:] and plan.rests[2] == [3]
+    prompts[2] = [9] + prompts[2]  # no root now: all three share nothing, the first two 200 tokens
+    plan = decoding.plan_prefill(prompts, min_shared=16)
+    assert plan.root == [] and plan.group[0] == plan.group[1] != plan.group[2]
+    assert plan.groups[plan.group[0]] == long
+    prompts[2] = long[:50] + [3] * 50  # now all three share 50 (2 x 50 saved), the first two 200 (1 x 200)
+    plan = decoding.plan_prefill(prompts, min_shared=16)
+    assert plan.root == long[:50] and plan.groups[plan.group[0]] == long[50:]
+
+
+def test_shared_prefixes_generate_what_plain_batches_and_single_prompts_do(lm, sharing_ids):
+    plan = decoding.plan_prefill(sharing_ids)
+    assert plan.root == [] and sum(1 for g in plan.groups if len(g) > 100) == 2  # the Questioner's, the persona's
+    run = lambda ids, **kw: decoding.generate_batch(lm.model, ids, 20, lm.tokenizer.eos_token_id,
+                                                    lm.tokenizer.pad_token_id, **kw)
+    shared = run(sharing_ids)
+    assert min(map(len, shared)) < 20  # rows finish early and leave the batch
+    assert shared == run(sharing_ids, min_shared=0)  # the plain left-padded batch
+    assert shared == [run([p])[0] for p in sharing_ids]  # each prompt alone
+    questioner_only = sharing_ids[:4]  # every row shares the instructions and worked example: a root, then pairs
+    plan = decoding.plan_prefill(questioner_only)
+    assert len(plan.root) > 150 and plan.group[0] == plan.group[1] != plan.group[2] == plan.group[3]
+    assert run(questioner_only) == shared[:4]
+
+
+def test_shared_prefixes_sample_reproducibly(lm, sharing_ids):
+    run = lambda seed, **kw: decoding.generate_batch(lm.model, sharing_ids, 20, lm.tokenizer.eos_token_id,
+                                                     lm.tokenizer.pad_token_id, temperature=0.9, top_p=0.9,
+                                                     generator=torch.Generator().manual_seed(seed), **kw)
+    first = run(5)
+    assert min(map(len, first)) < 20  # rows finish early, and later rows move into their slots
+    assert run(5) == first and run(6) != first
+    assert run(5, min_shared=0) == first  # reusing prefixes does not change what a seed samples
+
+
+def test_fill_holes_moves_only_rows_from_beyond_the_kept_slots():
+    assert decoding._fill_holes([0, 1, 2]) == [0, 1, 2]
+    assert decoding._fill_holes([0, 2, 4, 5]) == [0, 4, 2, 5]  # slots 1 and 3 emptied: rows 4 and 5 move in
+    assert decoding._fill_holes([3, 4]) == [3, 4]
+    assert decoding._fill_holes([1, 2]) == [2, 1]
 
 
 # --- LoRA adapters ----------------------------------------------------------------------------------------
