@@ -15,6 +15,7 @@ with a new run_dir) pays for no call twice.
 
 import json
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -160,10 +161,7 @@ def main():
                                   batch_size=args.batch_size, desc=f"gold retry {attempt}", **retry_settings)
         for i, a in zip(redo, answers):
             gold[i].update(gold=a.strip(), sampling=retry_settings, attempts=attempt + 1, flag=gold_problem(a))
-    flagged = {}
-    for g in gold:
-        if g["flag"] is not None:
-            flagged[g["flag"]] = flagged.get(g["flag"], 0) + 1
+    flagged = Counter(g["flag"] for g in gold if g["flag"] is not None)
     cut = sum(r["truncated"] for r in personas + gold)
 
     # Final files are written atomically, gold last: its presence means the step is complete.

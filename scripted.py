@@ -74,7 +74,7 @@ class World:
         self.attributes = json.loads((folder / "world.json").read_text())["attributes"]
         self.task_attributes = {t["text"]: t["attributes"] for t in read_jsonl(folder / "tasks.jsonl")}
         self.sentences = {a: v["values"] for a, v in self.attributes.items()}  # attribute -> keyword -> sentence
-        self.encoder = None
+        self.encoder = self.examples = None
 
     def persona(self, bio: str) -> dict:
         """attribute -> keyword, read off a bio rendered by `bio` (every sentence is known)."""
@@ -91,7 +91,8 @@ class World:
         return self.task_attributes[task]
 
     def gold(self, bio: str, task: str) -> str:
-        facts = [second_person(self.sentences[a][self.persona(bio)[a]]) for a in self.relevant(task)]
+        values = self.persona(bio)
+        facts = [second_person(self.sentences[a][values[a]]) for a in self.relevant(task)]
         name = bio.split(".")[0].removeprefix("My name is ")
         return f"Here is my suggestion, {name}. It is chosen because {' and '.join(facts)}."
 
@@ -105,10 +106,12 @@ class World:
         A turn without a question mark asks nothing: only questions are rewarded in this world."""
         if not questions:
             return []
-        examples = [(a, q) for a, v in self.attributes.items() for q in v["questions"]]
-        similarity = self.embed(questions) @ self.embed([q for _, q in examples]).T
-        best, index = similarity.max(dim=1)
-        return [examples[i][0] if b >= MATCH_THRESHOLD and "?" in q else None
+        if self.examples is None:  # the example questions are embedded once, not on every Roleplayer turn
+            labels = [(a, q) for a, v in self.attributes.items() for q in v["questions"]]
+            self.examples = [a for a, _ in labels], self.embed([q for _, q in labels])
+        attributes, example_vectors = self.examples
+        best, index = (self.embed(questions) @ example_vectors.T).max(dim=1)
+        return [attributes[i] if b >= MATCH_THRESHOLD and "?" in q else None
                 for q, b, i in zip(questions, best.tolist(), index.tolist())]
 
     @torch.inference_mode()
