@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 
 from models import encode_for_training, load_local, template_accepts_system, want_4bit
@@ -65,6 +66,30 @@ class PadCollator:
         return {"input_ids": torch.tensor([r["input_ids"] + [self.pad_id] * n for r, n in zip(rows, pad)]),
                 "labels": torch.tensor([r["labels"] + [-100] * n for r, n in zip(rows, pad)]),
                 "attention_mask": torch.tensor([[1] * len(r["input_ids"]) + [0] * n for r, n in zip(rows, pad)])}
+
+
+class LabelledLossTrainer(Trainer):
+    """Trainer whose loss makes vocabulary logits only at the positions that predict a labelled token.
+
+    The default causal-LM loss makes fp32 logits (batch x length x vocabulary) at every position, though
+    most positions are system prompt and Roleplayer replies, which carry no loss. Same loss, less memory.
+    """
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        targets = inputs["labels"][:, 1:]  # position p predicts token p + 1
+        keep = (targets != -100).any(0).nonzero()[:, 0]  # positions labelled in at least one row
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=keep)
+        loss = F.cross_entropy(outputs.logits.float().flatten(0, 1), targets[:, keep].flatten(),
+                               ignore_index=-100, reduction="sum")
+        # Trainer's convention: a mean over the labelled tokens of the whole accumulated batch (all devices),
+        # with DDP's averaging of gradients over devices undone; a per-batch mean when it gives no count.
+        if num_items_in_batch is None:
+            loss = loss / (targets != -100).sum()
+        else:
+            loss = loss / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
 
 
 def last_checkpoint(folder: Path) -> Path | None:
@@ -124,8 +149,8 @@ def main():
         gradient_checkpointing=args.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
         bf16=torch.cuda.is_available(), logging_steps=1, save_strategy="steps", save_steps=args.save_steps,
         save_total_limit=1, report_to="none", seed=args.seed, remove_unused_columns=False)
-    trainer = Trainer(model=model, args=training_args, train_dataset=dataset,
-                      data_collator=PadCollator(tokenizer.pad_token_id))
+    trainer = LabelledLossTrainer(model=model, args=training_args, train_dataset=dataset,
+                                  data_collator=PadCollator(tokenizer.pad_token_id))
     # After a crash: continue from the last complete checkpoint. It holds the LoRA weights, AdamW's moments,
     # the learning-rate schedule's position, the RNG states (dropout) and the step, from which Trainer skips
     # the batches already seen in the same order, so the adapter equals that of an uninterrupted run.

@@ -48,3 +48,28 @@ def test_a_finished_iteration_is_not_trained_again(trained, model_cache):
     done = subprocess.run([sys.executable, "04_train.py", "--run_dir", str(trained[0].parent), "--iteration", "0",
                            "--cache_dir", str(model_cache)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "nothing to do" in done.stdout
+
+
+def test_the_loss_at_labelled_positions_only_equals_the_default_loss(tmp_path, model_cache):
+    """04's loss makes logits only where a token is labelled; it must equal the model's own full loss."""
+    import importlib
+
+    from transformers import TrainingArguments
+
+    train = importlib.import_module("04_train")
+    model, tokenizer = load_local("embedded", model_cache)
+    chats = [[{"role": "user", "content": "Plan my trip."}, {"role": "assistant", "content": "Where to?", "train": True},
+              {"role": "user", "content": "Rome, cheaply."}, {"role": "assistant", "content": "Take the train.", "train": True}],
+             [{"role": "user", "content": "Cook me dinner, please, something quick and warm."},
+              {"role": "assistant", "content": "Any allergies?", "train": True}]]
+    rows = [dict(zip(("input_ids", "labels"), train.encode_for_training(tokenizer, c))) for c in chats]
+    batch = train.PadCollator(tokenizer.pad_token_id)(rows)
+    assert (batch["labels"] == -100).float().mean() > 0.5  # most positions carry no loss
+    trainer = train.LabelledLossTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to="none"))
+    with torch.no_grad():
+        expected = model(**batch).loss
+        ours = trainer.compute_loss(model, batch)
+        labelled = (batch["labels"][:, 1:] != -100).sum()
+        summed = trainer.compute_loss(model, batch, num_items_in_batch=2 * labelled)
+    torch.testing.assert_close(ours, expected)
+    torch.testing.assert_close(summed, expected / 2)  # a sum over the accumulated batch's labelled tokens
