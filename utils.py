@@ -11,6 +11,7 @@ import os
 import random
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,15 +24,28 @@ class StepError(Exception):
 
 
 def run_main(main):
-    """Run a step's main(); turn a StepError into one clear line on stderr and a non-zero exit."""
+    """Run a step's main(); turn a StepError into one clear line on stderr and a non-zero exit.
+    A finished step prints its wall time and peak resident memory (what the README's numbers come from)."""
+    start = time.perf_counter()
     try:
         main()
+        print(f"{Path(sys.argv[0]).stem}: {time.perf_counter() - start:.0f} s, peak memory {peak_memory_gb():.1f} GB")
     except StepError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: finished records are kept; run the same command again to resume", file=sys.stderr)
         sys.exit(130)
+
+
+def peak_memory_gb() -> float:
+    """This process's peak resident memory in GB (0 where the OS does not say: Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 1024 ** (3 if sys.platform == "darwin" else 2)
 
 
 def parse_args(args_class):
