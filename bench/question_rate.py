@@ -1,0 +1,50 @@
+"""How often the embedded Questioner asks a question, by turn, under prompt variants (issue #7, part 1).
+
+    python bench/question_rate.py base|nudge|examples3
+
+48 conversations of 3 turns (24 tasks x 2 personas), the embedded model as Questioner (T 0.9, top_p 0.9)
+and Roleplayer (greedy); prints the share of Questioner turns containing "?" by turn. nudge: each
+Roleplayer reply, as the Questioner sees it, ends with "(Ask me your next question.)"; examples3: the
+worked example shows three questions in a row. Variants patch roles.py in this process only.
+"""
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import roles  # noqa: E402
+from models import ModelPool  # noqa: E402
+
+variant = sys.argv[1]
+tasks = [json.loads(l)["text"] for l in open(ROOT / "data" / "tasks.jsonl")][:24]
+personas = [json.loads(l) for l in open(ROOT / "data" / "personas.jsonl")]
+items = [{"name": personas[(i + k) % 12]["name"], "bio": personas[(i + k) % 12]["bio"], "task": t, "n_turns": 3}
+         for i, t in enumerate(tasks) for k in range(2)]
+base_view = roles.questioner_view
+if variant == "nudge":
+    def view(name, task, dialogue):
+        d = [dict(m, content=m["content"] + "\n\n(Ask me your next question.)") if m["role"] == "user" else m for m in dialogue]
+        return base_view(name, task, d)
+    roles.questioner_view = view
+if variant == "examples3":
+    roles.QUESTIONER_EXAMPLES[:] = [
+        {"role": "user", "content": "Hi, I'm Sam. Can you recommend a movie for tonight?"},
+        {"role": "assistant", "content": "What kinds of movies do you usually enjoy?"},
+        {"role": "user", "content": "Mostly old science-fiction films, the slower the better."},
+        {"role": "assistant", "content": "Will you be watching alone or with others?"},
+        {"role": "user", "content": "With my partner, who prefers comedies."},
+        {"role": "assistant", "content": "How long a film do you have time for?"},
+        {"role": "user", "content": "Hi, I'm Lee. Help me plan a birthday dinner."},
+        {"role": "assistant", "content": "Who is the dinner for, and what food do they like?"},
+    ]
+pool = ModelPool(str(ROOT / "cache"), "no")
+chat = pool.chat("embedded")
+gen = {"questioner": dict(max_new_tokens=32, temperature=0.9, top_p=0.9, batch_size=48),
+       "roleplayer": dict(max_new_tokens=48, temperature=0.0, top_p=1.0, batch_size=48)}
+t = time.time()
+dialogues, _ = roles.simulate(chat, chat, items, gen, seed=0)
+by_turn = [[("?" in d[2 * k]["content"]) for d in dialogues] for k in range(3)]
+rate = [sum(x) / len(x) for x in by_turn]
+print(variant, "question rate by turn", [f"{r:.0%}" for r in rate], f"all {sum(map(sum, by_turn)) / (3 * len(dialogues)):.0%}", f"{time.time() - t:.0f} s")
