@@ -29,15 +29,9 @@ if variant == "nudge":
         return base_view(name, task, d)
     roles.questioner_view = view
 if variant == "examples3":
-    roles.QUESTIONER_EXAMPLES[:] = [
-        {"role": "user", "content": "Hi, I'm Sam. Can you recommend a movie for tonight?"},
-        {"role": "assistant", "content": "What kinds of movies do you usually enjoy?"},
-        {"role": "user", "content": "Mostly old science-fiction films, the slower the better."},
-        {"role": "assistant", "content": "Will you be watching alone or with others?"},
+    roles.QUESTIONER_EXAMPLES[4:4] = [  # a third question in the first example, after a third answer
         {"role": "user", "content": "With my partner, who prefers comedies."},
         {"role": "assistant", "content": "How long a film do you have time for?"},
-        {"role": "user", "content": "Hi, I'm Lee. Help me plan a birthday dinner."},
-        {"role": "assistant", "content": "Who is the dinner for, and what food do they like?"},
     ]
 pool = ModelPool(str(ROOT / "cache"), "no")
 chat = pool.chat("embedded")
