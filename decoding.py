@@ -271,8 +271,10 @@ def _left_pad(segments: list[list[int]], pad_token_id: int, device):
     return ids, mask
 
 
-def _prefill(model, cache_kw, extra, cache, plan: PrefillPlan, pad_token_id: int, device):
-    """Run the plan's three levels (root, groups, rests) into `cache`; returns (last logits, mask).
+def _prefill(model, cache_kw, extra, cache, plan: PrefillPlan, pad_token_id: int, device, last=None):
+    """Run the plan's three levels (root, groups, rests) into `cache`; returns (output of the last
+    level's forward, mask). `last`, if given, runs the rests instead of `model` (score_batch passes the
+    decoder without its head, for hidden states at every position).
 
     Before a level, each of its rows takes a copy of its parent's cache row (and mask row). A level whose
     segments are all empty is skipped. Positions are the row's count of real tokens so far, so a row gets
@@ -293,9 +295,12 @@ def _prefill(model, cache_kw, extra, cache, plan: PrefillPlan, pad_token_id: int
         ids, block = _left_pad(segments, pad_token_id, device)
         mask = torch.cat([mask, block], dim=-1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]  # padding: 0, never attended
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                    **{cache_kw: cache}, **extra)
-    return out.logits[:, -1, :], mask
+        if last is not None and segments is plan.rests:
+            out = last(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_kw: cache})
+        else:
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                        **{cache_kw: cache}, **extra)
+    return out, mask
 
 
 def _fill_holes(keep: list[int]) -> list[int]:
@@ -343,7 +348,8 @@ def generate_batch(model, prompt_ids: list[list[int]], max_new_tokens: int, eos_
         # Padding between segments would shift a sliding window: such models prefill one plain batch.
         plan = plan_prefill(prompt_ids, min_shared if _full_attention_only(base.config) else 0)
         cache = _new_cache(base.config, plan.width + max_new_tokens)
-        logits, mask = _prefill(model, cache_kw, extra, cache, plan, pad_token_id, device)
+        out, mask = _prefill(model, cache_kw, extra, cache, plan, pad_token_id, device)
+        logits = out.logits[:, -1, :]
         next_position = mask.sum(-1, keepdim=True)  # [n, 1]: position of the token fed next
         rows = list(range(len(prompt_ids)))  # original index of each row still in the batch
 
@@ -373,3 +379,42 @@ def generate_batch(model, prompt_ids: list[list[int]], max_new_tokens: int, eos_
             logits = out.logits[:, -1, :]
             next_position = next_position + 1
     return outputs
+
+
+def score_batch(model, prompt_ids: list[list[int]], response_ids: list[list[int]], pad_token_id: int,
+                min_shared: int = 8, chunk: int = 1024) -> list[float]:
+    """Summed log-prob of each response after its prompt (teacher forcing), for token-id lists.
+
+    The prompts are prefilled as generate_batch prefills them (plan_prefill: shared prefixes once); each
+    response then follows its prompt's rest in the last level, which runs the decoder without its head.
+    Response token j sits at the row's position p and is predicted from p - 1, which lies in the last
+    level (a rest keeps at least its prompt's last token). The head makes logits at those positions only,
+    `chunk` positions at a time, so a batch of long responses never holds [tokens x vocabulary] at once.
+    """
+    if not prompt_ids:
+        return []
+    if any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("score_batch: every prompt needs at least one token")
+    base, cache_kw, logits_kw = _forward_names(model)
+    extra = {logits_kw: 1} if logits_kw else {}
+    decoder, head = base.get_decoder(), base.get_output_embeddings()
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        plan = plan_prefill(prompt_ids, min_shared if _full_attention_only(base.config) else 0)
+        plan.rests = [rest + list(response) for rest, response in zip(plan.rests, response_ids)]
+        cache = _new_cache(base.config, plan.width)
+        out, _ = _prefill(model, cache_kw, extra, cache, plan, pad_token_id, device, last=decoder)
+        hidden, width = out.last_hidden_state, out.last_hidden_state.shape[1]
+        # Rests are left-padded: response token j of row r sits at column width - len(response) + j.
+        rows = [r for r, resp in enumerate(response_ids) for _ in resp]
+        columns = [width - len(resp) + j for resp in response_ids for j in range(len(resp))]
+        targets = [t for resp in response_ids for t in resp]
+        sums = torch.zeros(len(prompt_ids), dtype=torch.float64, device=device)
+        for start in range(0, len(rows), chunk):
+            rr = torch.tensor(rows[start:start + chunk], device=device)
+            cc = torch.tensor(columns[start:start + chunk], device=device)
+            tt = torch.tensor(targets[start:start + chunk], device=device)
+            logits = head(hidden[rr, cc - 1]).float()
+            token_logprobs = logits.gather(1, tt[:, None])[:, 0] - torch.logsumexp(logits, -1)
+            sums.index_add_(0, rr, token_logprobs.double())
+    return sums.tolist()

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from decoding import generate_batch, plan_prefill
+from decoding import generate_batch, plan_prefill, score_batch
 from utils import StepError, append_jsonl, read_partial
 
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -282,20 +282,24 @@ class LocalLM:
         record it beside each output, also for outputs it reads back from a cache."""
         return [self.prompt_ids(p, max_new_tokens)[1] for p in prompts]
 
+    def batch_order(self, prompt_ids, lengths) -> list[int]:
+        """The order in which to batch prompts: those that share a prefix (a pair's N conversations)
+        together, groups and the prompts within a group longest first (by `lengths`, the tokens each row
+        runs through the model), so that shared prefixes are prefilled once and little padding is computed."""
+        group = plan_prefill(prompt_ids, self.min_shared).group if prompt_ids else []
+        longest = {}
+        for i, g in enumerate(group):
+            longest[g] = max(longest.get(g, 0), lengths[i])
+        return sorted(range(len(prompt_ids)), key=lambda i: (-longest[group[i]], group[i], -lengths[i]))
+
     @torch.inference_mode()
     def generate(self, prompts, adapter=None, max_new_tokens=128, temperature=0.0, top_p=1.0, seed=0,
                  batch_size=16, desc=None):
         """Batched chat generation, one seed per batch. Prompt prefixes shared by several prompts are
-        prefilled once, and rows that finish leave the batch at once (decoding.generate_batch).
-
-        Prompts that share a prefix (a pair's N conversations) are batched together, groups and the
-        prompts within a group longest first, so that little padding is computed."""
+        prefilled once, and rows that finish leave the batch at once (decoding.generate_batch), in the
+        order of batch_order."""
         encoded = [self.prompt_ids(p, max_new_tokens)[0] for p in prompts]  # cut to fit the context, if need be
-        group = plan_prefill(encoded, self.min_shared).group if encoded else []
-        longest = {}
-        for i, g in enumerate(group):
-            longest[g] = max(longest.get(g, 0), len(encoded[i]))
-        order = sorted(range(len(encoded)), key=lambda i: (-longest[group[i]], group[i], -len(encoded[i])))
+        order = self.batch_order(encoded, list(map(len, encoded)))
         outputs = [None] * len(encoded)
         stop = {self.tokenizer.eos_token_id, *self.stop_ids}
         batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
@@ -313,33 +317,21 @@ class LocalLM:
         """Summed log-prob of each response as the assistant turn after its prompt (teacher forcing).
 
         Returns (logprob, n_tokens, truncated) triples: n_tokens response tokens were scored; truncated
-        says the pair did not fit the context and was cut (fit_scored). Logits are computed only at the
-        response positions.
+        says the pair did not fit the context and was cut (fit_scored). Batched as generate() batches
+        (batch_order), shared prompt prefixes run once, and logits are computed only at the response
+        positions (decoding.score_batch).
         """
         pairs = [self.fit_scored(*encode_chat(self.tokenizer, p, r, self.system_ok))
                  for p, r in zip(prompts, responses)]
-        order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+        order = self.batch_order([p for p, _, _ in pairs], [len(p) + len(r) for p, r, _ in pairs])
         results = [None] * len(pairs)
         batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         with self.using(adapter):
-            base = self.model.get_base_model() if self.adapters else self.model
-            decoder, head = base.get_decoder(), base.get_output_embeddings()
             for rows in tqdm(batches, desc=desc, leave=False, disable=desc is None):
-                seqs = [pairs[i][0] + pairs[i][1] for i in rows]
-                width = max(map(len, seqs))
-                ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=self.device)
-                mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=self.device)
-                hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
-                # Response token j of row r sits at position p; it is predicted from position p - 1.
-                where = [(r, p) for r, i in enumerate(rows)
-                         for p in range(len(pairs[i][0]), len(pairs[i][0]) + len(pairs[i][1]))]
-                rr = torch.tensor([r for r, _ in where], device=self.device)
-                pp = torch.tensor([p for _, p in where], device=self.device)
-                logits = head(hidden[rr, pp - 1]).float()
-                token_logprobs = torch.log_softmax(logits, -1).gather(1, ids[rr, pp][:, None])[:, 0]
-                sums = torch.zeros(len(rows), device=self.device).index_add_(0, rr, token_logprobs)
-                for r, i in enumerate(rows):
-                    results[i] = (sums[r].item(), len(pairs[i][1]), pairs[i][2])
+                sums = score_batch(self.model, [pairs[i][0] for i in rows], [pairs[i][1] for i in rows],
+                                   self.tokenizer.pad_token_id, self.min_shared)
+                for i, logprob in zip(rows, sums):
+                    results[i] = (logprob, len(pairs[i][1]), pairs[i][2])
         return results
 
     def fit_scored(self, prompt_ids, response_ids):

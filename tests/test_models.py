@@ -335,6 +335,24 @@ def test_shared_prefixes_generate_what_plain_batches_and_single_prompts_do(lm, s
     assert run(questioner_only) == shared[:4]
 
 
+def test_scoring_with_shared_prefixes_equals_plain_batches_and_one_at_a_time(lm):
+    # 03 scores a pair's N conversations, 05's local Judge scores "Verdict: A" and "Verdict: B" after the same
+    # prompt: shared prompt prefixes run once. The sums must not change, whatever is shared or batched.
+    prompts = SHARING + [SHARING[0]]  # two identical prompts: a group that is all its prompt but the last token
+    responses = ["Lentil curry.", "Pasta with beans.", "See the Colosseum early.", "Stay in a hostel.",
+                 "Nuts.", "My two kids.", "Apple.", "Lentil curry with rice, and fruit after."]
+    encoded = [models.encode_chat(lm.tokenizer, p, r, lm.system_ok) for p, r in zip(prompts, responses)]
+    plan = decoding.plan_prefill([p for p, _ in encoded])
+    assert sum(1 for g in plan.groups if len(g) > 100) >= 2  # something is shared: the test can fail
+    shared = lm.score(prompts, responses, batch_size=8)
+    single = [lm.score([p], [r], batch_size=1)[0] for p, r in zip(prompts, responses)]
+    plain = decoding.score_batch(lm.model, [p for p, _ in encoded], [r for _, r in encoded],
+                                 lm.tokenizer.pad_token_id, min_shared=0, chunk=5)  # tiny head chunks too
+    for (a, n, _), (b, m, _), c, (_, response) in zip(shared, single, plain, encoded):
+        assert n == m == len(response)
+        assert a == pytest.approx(b, abs=1e-3) and a == pytest.approx(c, abs=1e-3)
+
+
 def test_shared_prefixes_sample_reproducibly(lm, sharing_ids):
     run = lambda seed, **kw: decoding.generate_batch(lm.model, sharing_ids, 20, lm.tokenizer.eos_token_id,
                                                      lm.tokenizer.pad_token_id, temperature=0.9, top_p=0.9,
