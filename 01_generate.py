@@ -52,6 +52,9 @@ class Args:
     cache_dir: str = field(default="cache", metadata={"help": "model cache and Oracle call cache"})
     load_in_4bit: str = field(default="auto", metadata={
         "help": "4-bit NF4 local models: auto (when CUDA is present), yes, no", "choices": ["auto", "yes", "no"]})
+    dtype: str = field(default="auto", metadata={
+        "help": "weights of unquantized local models: auto (bfloat16 on a GPU or a CPU with native bf16 matmuls, "
+                "else float32), bfloat16, float32", "choices": ["auto", "bfloat16", "float32"]})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow custom model code from the hub"})
 
 
@@ -119,7 +122,7 @@ def main():
         persona_prompts.append([{"role": "system", "content": ORACLE_SYSTEM},
                                 {"role": "user", "content": PERSONA_PROMPT.format(examples=examples, name=name)}])
 
-    pool = ModelPool(args.cache_dir, args.load_in_4bit, args.trust_remote_code)
+    pool = ModelPool(args.cache_dir, args.load_in_4bit, args.trust_remote_code, args.dtype)
     oracle = pool.chat(args.oracle, call_cache=Path(args.cache_dir) / "oracle_calls.jsonl")
     persona_settings = dict(max_new_tokens=args.persona_max_tokens, temperature=args.persona_temperature,
                             top_p=1.0)

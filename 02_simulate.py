@@ -41,6 +41,9 @@ class Args:
     cache_dir: str = field(default="cache", metadata={"help": "where the embedded model is cached"})
     load_in_4bit: str = field(default="auto", metadata={
         "help": "4-bit NF4 local models: auto (when CUDA is present), yes, no", "choices": ["auto", "yes", "no"]})
+    dtype: str = field(default="auto", metadata={
+        "help": "weights of unquantized local models: auto (bfloat16 on a GPU or a CPU with native bf16 matmuls, "
+                "else float32), bfloat16, float32", "choices": ["auto", "bfloat16", "float32"]})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow custom model code from the hub"})
 
 
@@ -93,7 +96,7 @@ def main():
 
     # Q_t asks (base + adapter of iteration t-1); the Roleplayer is the fixed base model. When both name
     # the same model they share one loaded copy, the adapter switched off for the Roleplayer.
-    pool = ModelPool(args.cache_dir, args.load_in_4bit, args.trust_remote_code)
+    pool = ModelPool(args.cache_dir, args.load_in_4bit, args.trust_remote_code, args.dtype)
     questioner = pool.chat(args.questioner, adapter=questioner_adapter(args.run_dir, args.iteration))
     roleplayer = pool.chat(args.roleplayer)
     conversations = simulate_pairs(questioner, roleplayer, pairs, args, args.iteration, final,

@@ -42,6 +42,9 @@ class Args:
     cache_dir: str = field(default="cache", metadata={"help": "where the embedded model is cached"})
     load_in_4bit: str = field(default="auto", metadata={
         "help": "4-bit NF4 local models: auto (when CUDA is present), yes, no", "choices": ["auto", "yes", "no"]})
+    dtype: str = field(default="auto", metadata={
+        "help": "weights of unquantized local models: auto (bfloat16 on a GPU or a CPU with native bf16 matmuls, "
+                "else float32), bfloat16, float32", "choices": ["auto", "bfloat16", "float32"]})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow custom model code from the hub"})
 
 
@@ -77,7 +80,7 @@ def main():
     if len(conversations) != expected:
         raise StepError(f"{source}: {len(conversations)} conversations with conv_id < {args.n_conversations}, "
                         f"expected {expected} ({len(pairs)} pairs x N); is --n_conversations the one 02 used?")
-    pool = ModelPool(args.cache_dir, args.load_in_4bit, args.trust_remote_code)
+    pool = ModelPool(args.cache_dir, args.load_in_4bit, args.trust_remote_code, args.dtype)
 
     # 1. Score every conversation by log p_BASE(gold | task, conversation). The scorer runs with every
     # adapter switched off, so it is Q_BASE even in iterations where Q_t shares its weights.

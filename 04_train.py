@@ -51,6 +51,9 @@ class Args:
     cache_dir: str = field(default="cache", metadata={"help": "where the embedded model is cached"})
     load_in_4bit: str = field(default="auto", metadata={
         "help": "4-bit NF4 base (QLoRA): auto (when CUDA is present), yes, no", "choices": ["auto", "yes", "no"]})
+    dtype: str = field(default="auto", metadata={
+        "help": "weights of unquantized local models: auto (bfloat16 on a GPU or a CPU with native bf16 matmuls, "
+                "else float32), bfloat16, float32", "choices": ["auto", "bfloat16", "float32"]})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow custom model code from the hub"})
 
 
@@ -68,23 +71,30 @@ class PadCollator:
                 "attention_mask": torch.tensor([[1] * len(r["input_ids"]) + [0] * n for r, n in zip(rows, pad)])}
 
 
-class LabelledLossTrainer(Trainer):
-    """Trainer whose loss makes vocabulary logits only at the positions that predict a labelled token.
+def labelled_loss(model, inputs):
+    """(summed cross-entropy of the labelled tokens, the model's outputs), with vocabulary logits made only
+    at the positions that predict a labelled token.
 
     The default causal-LM loss makes fp32 logits (batch x length x vocabulary) at every position, though
     most positions are system prompt and Roleplayer replies, which carry no loss. Same loss, less memory.
     """
+    targets = inputs["labels"][:, 1:]  # position p predicts token p + 1
+    keep = (targets != -100).any(0).nonzero()[:, 0]  # positions labelled in at least one row
+    outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=keep)
+    loss = F.cross_entropy(outputs.logits.float().flatten(0, 1), targets[:, keep].flatten(),
+                           ignore_index=-100, reduction="sum")
+    return loss, outputs
+
+
+class LabelledLossTrainer(Trainer):
+    """Trainer whose loss is labelled_loss: logits only where a labelled token is predicted."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        targets = inputs["labels"][:, 1:]  # position p predicts token p + 1
-        keep = (targets != -100).any(0).nonzero()[:, 0]  # positions labelled in at least one row
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=keep)
-        loss = F.cross_entropy(outputs.logits.float().flatten(0, 1), targets[:, keep].flatten(),
-                               ignore_index=-100, reduction="sum")
+        loss, outputs = labelled_loss(model, inputs)
         # Trainer's convention: a mean over the labelled tokens of the whole accumulated batch (all devices),
         # with DDP's averaging of gradients over devices undone; a per-batch mean when it gives no count.
         if num_items_in_batch is None:
-            loss = loss / (targets != -100).sum()
+            loss = loss / (inputs["labels"][:, 1:] != -100).sum()
         else:
             loss = loss / num_items_in_batch
             if self.args.average_tokens_across_devices:
@@ -125,7 +135,7 @@ def main():
     # Q_BASE, in 4-bit NF4 for QLoRA when asked (or on a GPU), with fresh LoRA adapters on all linear layers.
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    model, tokenizer = load_local(args.questioner, args.cache_dir, quantized, args.trust_remote_code)
+    model, tokenizer = load_local(args.questioner, args.cache_dir, quantized, args.trust_remote_code, args.dtype)
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
     model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,

@@ -62,6 +62,9 @@ class Args:
     cache_dir: str = field(default="cache", metadata={"help": "model cache and Judge call cache"})
     load_in_4bit: str = field(default="auto", metadata={
         "help": "4-bit NF4 local models: auto (when CUDA is present), yes, no", "choices": ["auto", "yes", "no"]})
+    dtype: str = field(default="auto", metadata={
+        "help": "weights of unquantized local models: auto (bfloat16 on a GPU or a CPU with native bf16 matmuls, "
+                "else float32), bfloat16, float32", "choices": ["auto", "bfloat16", "float32"]})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow custom model code from the hub"})
 
 
@@ -126,7 +129,7 @@ def main():
     if args.baseline_dir and not (out / "m0").exists() and (Path(args.baseline_dir) / "eval" / "m0").is_dir():
         shutil.copytree(Path(args.baseline_dir) / "eval" / "m0", out / "m0")
 
-    pool = ModelPool(args.cache_dir, args.load_in_4bit, args.trust_remote_code)
+    pool = ModelPool(args.cache_dir, args.load_in_4bit, args.trust_remote_code, args.dtype)
     roleplayer = pool.chat(args.roleplayer)
     scorer = pool.local(args.questioner)
     base = pool.chat(args.questioner)

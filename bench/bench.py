@@ -10,16 +10,18 @@ the machine's own limit, all measured in this one run on this machine.
    conversation at a time with HF generate, (c) the project's openai: backend against a llama.cpp server on
    127.0.0.1 serving the same GGUF. Useful tokens = tokens returned.
 2. Scoring: summed log-prob of gold responses, batched vs one at a time.
-3. Training: tokens/s of LoRA steps (forward + backward + AdamW) on the fp32 model.
+3. Training: tokens/s of LoRA steps (forward + backward + AdamW), as 04_train.py trains.
 4. The limit: measured fp32 matmul GFLOP/s divided by FLOPs per token (2 x parameters for inference,
-   6 x for training); each rate is printed as a fraction of it.
+   6 x for training); each rate is printed as a fraction of it. Every row runs in --dtype (auto: bf16 on
+   a CPU with native bf16 matmuls, as the steps do), whose own matmul rate is printed too.
 Timings are wall clock: other processes on the machine slow them (the load average is printed).
 """
 
 import argparse
+import importlib
 import json
 import os
-import resource
+import re
 import subprocess
 import sys
 import tempfile
@@ -31,12 +33,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from models import LocalLM, ModelPool, encode_chat, encode_for_training  # noqa: E402
+from models import LocalLM, ModelPool, encode_chat, encode_for_training, resolve_dtype  # noqa: E402
 from roles import answer_view, simulate  # noqa: E402
 
 
-def matmul_gflops(n=2048, repeats=8):
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_gflops(n=2048, repeats=8, dtype=torch.float32):
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     start = time.perf_counter()
     for _ in range(repeats):
@@ -89,17 +91,24 @@ def main():
     parser.add_argument("--naive_pairs", type=int, default=4, help="pairs for the (slow) naive loop")
     parser.add_argument("--cache_dir", default=str(ROOT / "cache"))
     parser.add_argument("--e2e", action="store_true", help="also time `bash run_all.sh` (tiny preset)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                        help="weights of the local model, as the steps' --dtype (auto: bf16 where the CPU has it)")
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.1f}")
 
+    dtype = resolve_dtype(args.dtype)
     gflops = matmul_gflops()
-    pool = ModelPool(args.cache_dir, "no")
+    pool = ModelPool(args.cache_dir, "no", dtype=dtype)
     lm = pool.local("embedded")
     params = sum(p.numel() for p in lm.model.parameters())
     infer_limit, train_limit = gflops * 1e9 / (2 * params), gflops * 1e9 / (6 * params)
     print(f"limit: fp32 matmul {gflops:.0f} GFLOP/s; {params / 1e6:.1f}M parameters -> "
-          f"{infer_limit:.0f} tok/s inference, {train_limit:.0f} tok/s training")
+          f"{infer_limit:.0f} tok/s inference, {train_limit:.0f} tok/s training (the fractions below)")
+    if dtype != torch.float32:
+        own = matmul_gflops(dtype=dtype)
+        print(f"this run computes in {str(dtype)[6:]}, whose matmuls run at {own:.0f} GFLOP/s here: its own limit is "
+              f"{own * 1e9 / (2 * params):.0f} tok/s inference, {own * 1e9 / (6 * params):.0f} tok/s training")
     rows = []
 
     # 1. Simulation.
@@ -139,49 +148,60 @@ def main():
     golds = [b["bio"] for b in batch[:32]]
     n_tokens = sum(len(p) + len(r) for p, r in (encode_chat(lm.tokenizer, c, g, lm.system_ok)
                                                 for c, g in zip(contexts, golds)))
-    for label, size in (("scoring, batched (16)", 16), ("scoring, one at a time", 1)):
+    for label, size, min_shared in (("scoring, batched (16)", 16, lm.min_shared),
+                                    ("scoring, batched, no prefix reuse", 16, 0), ("scoring, one at a time", 1, 0)):
+        min_shared, lm.min_shared = lm.min_shared, min_shared
         start = time.perf_counter()
         lm.score(contexts, golds, batch_size=size)
-        rows.append((label, n_tokens / (time.perf_counter() - start), infer_limit, "tokens through the model"))
+        rows.append((label, n_tokens / (time.perf_counter() - start), infer_limit, "prompt + gold tokens"))
+        lm.min_shared = min_shared
 
-    # 3. Training: LoRA (r 16, all linear layers) steps on batches of 4 records.
+    # 3. Training: LoRA (r 8, all linear layers) as 04_train.py's presets train: batch 1, 4 sequences per
+    # AdamW update, 04's loss (logits only where a labelled token is predicted).
     from peft import LoraConfig, get_peft_model
 
-    train_lm = LocalLM("embedded", args.cache_dir)
-    model = get_peft_model(train_lm.model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+    labelled_loss = importlib.import_module("04_train").labelled_loss
+    train_lm = LocalLM("embedded", args.cache_dir, dtype=dtype)
+    model = get_peft_model(train_lm.model, LoraConfig(r=8, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     records = [encode_for_training(lm.tokenizer, c + [{"role": "assistant", "content": g[:300], "train": True}], lm.system_ok)
                for c, g in zip(contexts[:12], golds[:12])]
     seen, start = 0, None
-    for step in range(3):
-        chunk = records[4 * step:4 * step + 4]
-        width = max(len(ids) for ids, _ in chunk)
-        ids = torch.tensor([i + [0] * (width - len(i)) for i, _ in chunk])
-        labels = torch.tensor([l + [-100] * (width - len(l)) for _, l in chunk])
-        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in chunk])
-        if step == 1:  # the first step warms up
+    for step, (ids, labels) in enumerate(records):
+        if step == 4:  # the first update warms up
             seen, start = 0, time.perf_counter()
-        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        seen += int(mask.sum())
-    rows.append(("training, LoRA step", seen / (time.perf_counter() - start), train_limit, "tokens (batch 4)"))
+        loss, _ = labelled_loss(model, {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+                                        "attention_mask": torch.ones(1, len(ids), dtype=torch.long)})
+        (loss / 4).backward()
+        if step % 4 == 3:
+            optimizer.step()
+            optimizer.zero_grad()
+        seen += len(ids)
+    rows.append(("training, LoRA step", seen / (time.perf_counter() - start), train_limit, "tokens (batch 1 x 4)"))
 
     print(f"\n{'what':38} {'tok/s':>8} {'of limit':>9}  note")
     for label, rate, limit, note in rows:
         print(f"{label:38} {rate:8.1f} {rate / limit:8.1%}  {note}")
 
     if args.e2e:
+        # A fresh run folder and call caches (only the converted model is shared). run_all.sh runs under
+        # its own Python parent, so that the peak counts its steps alone (not the llama.cpp server above).
         with tempfile.TemporaryDirectory() as tmp:
             env = dict(os.environ, RUN_DIR=f"{tmp}/run", CACHE_DIR=f"{tmp}/cache")
             os.makedirs(f"{tmp}/cache")
             os.symlink(Path(args.cache_dir).resolve() / "SmolLM2-135M-Instruct", f"{tmp}/cache/SmolLM2-135M-Instruct")
+            parent = ("import resource, subprocess; subprocess.run(['bash', 'run_all.sh', 'tiny'], check=True); "
+                      "print('children peak', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
             start = time.perf_counter()
-            subprocess.run(["bash", "run_all.sh", "tiny"], cwd=ROOT, env=env, check=True, capture_output=True)
+            done = subprocess.run([sys.executable, "-c", parent], cwd=ROOT, env=env, check=True, capture_output=True, text=True)
             wall = time.perf_counter() - start
-            peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-            print(f"\nend to end: bash run_all.sh (tiny) {wall / 60:.1f} min, peak resident memory of a step {peak:.0f} MB")
+            print("\nend to end, per step:")
+            for line in done.stdout.splitlines():
+                if re.match(r"\S+: \d+ s, peak memory", line):
+                    print("  " + line)
+            peak = int(done.stdout.split("children peak")[-1]) / (1024 if sys.platform == "darwin" else 1) / 1024 ** 2
+            print(f"end to end: bash run_all.sh (tiny) {wall / 60:.1f} min, peak resident memory of a step {peak:.2f} GB")
 
     print(f"\nours / llama.cpp (simulation): {ours / llama_rate:.2f}x" if llama_rate else "\nours / llama.cpp: -")
     print(f"ours / naive (simulation):     {ours / naive_rate:.2f}x")

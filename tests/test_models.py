@@ -230,6 +230,27 @@ def test_a_better_fitting_response_scores_higher(lm):
     assert good > bad
 
 
+def test_auto_dtype_is_bf16_exactly_where_it_is_fast(model_cache):
+    assert models.resolve_dtype("float32") == torch.float32 and models.resolve_dtype("bfloat16") == torch.bfloat16
+    fast = torch.cuda.is_available() or models.cpu_has_bf16()
+    assert models.resolve_dtype("auto") == (torch.bfloat16 if fast else torch.float32)
+    with pytest.raises(StepError, match="--dtype must be auto, bfloat16 or float32"):
+        models.resolve_dtype("fp8")
+
+
+def test_bf16_scores_and_answers_like_float32(lm, model_cache):
+    # The default on CPUs with native bf16 (and on GPUs): log-probs within rounding of float32's, and greedy
+    # answers that float32 finds as likely as its own (bf16 rounding can change a close greedy choice, so
+    # the texts themselves may differ: here "What is 2+2?" gets another first word).
+    half = models.LocalLM("embedded", cache_dir=model_cache, dtype="bfloat16")
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+    for (a, n, _), (b, m, _) in zip(half.score(PROMPTS, RESPONSES), lm.score(PROMPTS, RESPONSES)):
+        assert n == m and a == pytest.approx(b, rel=0.05, abs=0.5)
+    ours, theirs = half.generate(PROMPTS, max_new_tokens=8), lm.generate(PROMPTS, max_new_tokens=8)
+    for (a, n, _), (b, m, _) in zip(lm.score(PROMPTS, ours), lm.score(PROMPTS, theirs)):
+        assert a / n > b / m - 1.0  # per token, within one nat of float32's own greedy answer
+
+
 # --- Generation -------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
