@@ -9,7 +9,8 @@
 #   bash run_all.sh paper            # the paper's sizes and models
 #   bash run_all.sh tiny --ablations # also the paper's two ablations, in runs/<preset>-gold, -none
 #
-# RUN_DIR=... and CACHE_DIR=... override where outputs and caches go.
+# RUN_DIR=... and CACHE_DIR=... override where outputs and caches go; DTYPE=float32 computes local models
+# in fp32 (default auto: bf16 on a GPU or on a CPU with native bf16 matmuls).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -72,7 +73,7 @@ EVAL_N="${EVAL_N:-$N}"  # test conversations per pair (the toy preset uses fewer
 ABLATION_TARGETS="${ABLATION_TARGETS:-gold none}"  # with --ablations: the paper's two, or the preset's choice
 RUN_DIR="${RUN_DIR:-runs/$PRESET}"
 CACHE_DIR="${CACHE_DIR:-cache}"
-COMMON="--cache_dir $CACHE_DIR --seed 0"
+COMMON="--cache_dir $CACHE_DIR --seed 0 --dtype ${DTYPE:-auto}"
 
 run_method() {  # $1 = run folder, $2 = final message trained on (own | gold | none)
   local dir="$1" target="$2"
