@@ -1,11 +1,12 @@
 """How often the embedded Questioner asks a question, by turn, under prompt variants (issue #7, part 1).
 
-    python bench/question_rate.py base|nudge|examples3
+    python bench/question_rate.py base|nudge|examples3|both
 
 48 conversations of 3 turns (24 tasks x 2 personas), the embedded model as Questioner (T 0.9, top_p 0.9)
 and Roleplayer (greedy); prints the share of Questioner turns containing "?" by turn. nudge: each
 Roleplayer reply, as the Questioner sees it, ends with "(Ask me your next question.)"; examples3: the
-worked example shows three questions in a row. Variants patch roles.py in this process only.
+worked example shows three questions in a row; both: the two together. Variants patch roles.py in this
+process only. Local models compute as the steps do (--dtype auto).
 """
 import json
 import sys
@@ -23,12 +24,12 @@ personas = [json.loads(l) for l in open(ROOT / "data" / "personas.jsonl")]
 items = [{"name": personas[(i + k) % 12]["name"], "bio": personas[(i + k) % 12]["bio"], "task": t, "n_turns": 3}
          for i, t in enumerate(tasks) for k in range(2)]
 base_view = roles.questioner_view
-if variant == "nudge":
+if variant in ("nudge", "both"):
     def view(name, task, dialogue):
         d = [dict(m, content=m["content"] + "\n\n(Ask me your next question.)") if m["role"] == "user" else m for m in dialogue]
         return base_view(name, task, d)
     roles.questioner_view = view
-if variant == "examples3":
+if variant in ("examples3", "both"):
     roles.QUESTIONER_EXAMPLES[4:4] = [  # a third question in the first example, after a third answer
         {"role": "user", "content": "With my partner, who prefers comedies."},
         {"role": "assistant", "content": "How long a film do you have time for?"},
