@@ -26,7 +26,7 @@ case "$PRESET" in
     SIM_FLAGS="--question_max_tokens 32 --answer_max_tokens 48"
     SELECT_FLAGS="--answer_max_tokens 96"
     TRAIN_FLAGS="--learning_rate 5e-4 --epochs 2 --batch_size 1 --grad_accum 4 --lora_r 8"
-    EVAL_FLAGS="--question_max_tokens 32 --answer_max_tokens 48 --final_max_tokens 96 --judge_max_tokens 64"
+    EVAL_FLAGS="--question_max_tokens 32 --answer_max_tokens 48 --final_max_tokens 96 --judge_max_tokens 64 --batch_size 16"
     ;;
   smoke)   # the test suite's preset: the smallest sizes that still exercise every step (seconds per step)
     QUESTIONER=embedded; ROLEPLAYER=embedded; ORACLE=embedded; JUDGE=embedded
