@@ -263,6 +263,12 @@ def plan_prefill(prompt_ids: list[list[int]], min_shared: int = 8) -> PrefillPla
     return plan if plan.positions < plain.positions else plain
 
 
+def _plan(base, prompt_ids, min_shared: int) -> PrefillPlan:
+    """plan_prefill for this model: padding between segments would shift a sliding window, so models whose
+    cache is not plain full attention prefill one plain batch."""
+    return plan_prefill(prompt_ids, min_shared if _full_attention_only(base.config) else 0)
+
+
 def _left_pad(segments: list[list[int]], pad_token_id: int, device):
     """Token ids and 0/1 mask of token lists padded on the left to the longest."""
     width = max(map(len, segments))
@@ -345,8 +351,7 @@ def generate_batch(model, prompt_ids: list[list[int]], max_new_tokens: int, eos_
     extra = {logits_kw: 1} if logits_kw else {}
 
     with torch.inference_mode():
-        # Padding between segments would shift a sliding window: such models prefill one plain batch.
-        plan = plan_prefill(prompt_ids, min_shared if _full_attention_only(base.config) else 0)
+        plan = _plan(base, prompt_ids, min_shared)
         cache = _new_cache(base.config, plan.width + max_new_tokens)
         out, mask = _prefill(model, cache_kw, extra, cache, plan, pad_token_id, device)
         logits = out.logits[:, -1, :]
@@ -400,7 +405,7 @@ def score_batch(model, prompt_ids: list[list[int]], response_ids: list[list[int]
     decoder, head = base.get_decoder(), base.get_output_embeddings()
     device = next(model.parameters()).device
     with torch.inference_mode():
-        plan = plan_prefill(prompt_ids, min_shared if _full_attention_only(base.config) else 0)
+        plan = _plan(base, prompt_ids, min_shared)
         plan.rests = [rest + list(response) for rest, response in zip(plan.rests, response_ids)]
         cache = _new_cache(base.config, plan.width)
         out, _ = _prefill(model, cache_kw, extra, cache, plan, pad_token_id, device, last=decoder)

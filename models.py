@@ -94,8 +94,6 @@ def cpu_has_bf16() -> bool:
 def resolve_dtype(setting) -> torch.dtype:
     """--dtype auto|bfloat16|float32 of unquantized local weights: auto means bfloat16 on a CUDA GPU or on
     a CPU with native bf16 matmuls, else float32."""
-    if isinstance(setting, torch.dtype):
-        return setting
     if setting == "auto":
         return torch.bfloat16 if torch.cuda.is_available() or cpu_has_bf16() else torch.float32
     if setting not in DTYPES:

@@ -99,7 +99,7 @@ def main():
 
     dtype = resolve_dtype(args.dtype)
     gflops = matmul_gflops()
-    pool = ModelPool(args.cache_dir, "no", dtype=dtype)
+    pool = ModelPool(args.cache_dir, "no", dtype=args.dtype)
     lm = pool.local("embedded")
     params = sum(p.numel() for p in lm.model.parameters())
     infer_limit, train_limit = gflops * 1e9 / (2 * params), gflops * 1e9 / (6 * params)
@@ -161,7 +161,7 @@ def main():
     from peft import LoraConfig, get_peft_model
 
     labelled_loss = importlib.import_module("04_train").labelled_loss
-    train_lm = LocalLM("embedded", args.cache_dir, dtype=dtype)
+    train_lm = LocalLM("embedded", args.cache_dir, dtype=args.dtype)
     model = get_peft_model(train_lm.model, LoraConfig(r=8, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
