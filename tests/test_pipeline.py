@@ -34,7 +34,10 @@ def smoke(tmp_path_factory, model_cache):
     cache = root / "cache"
     cache.mkdir()
     (cache / "SmolLM2-135M-Instruct").symlink_to(embedded_model_dir(model_cache).resolve())
-    env = dict(os.environ, RUN_DIR=str(root / "run"), CACHE_DIR=str(cache))
+    # float32: the checks below compare the run's numbers with a fresh model's, which bf16 rounding would blur
+    # (a sequence scored alone and in a batch differs by up to ~0.8 nats in bf16, ~1e-3 in float32). The bf16
+    # default runs every step in test_resume.
+    env = dict(os.environ, RUN_DIR=str(root / "run"), CACHE_DIR=str(cache), DTYPE="float32")
     stdout = run_all(env)
     return root / "run", cache, env, stdout
 
@@ -103,11 +106,10 @@ def test_selection_keeps_the_best_conversation_and_trains_on_the_questioner_only
 
 
 def test_scores_come_from_the_base_model_even_with_adapters_loaded(smoke, model_cache):
-    # 05_eval scored m1's test conversations with the m1 and m2 adapters attached to the shared model.
-    # The run computes in the default dtype (bf16 on CPUs that have it), where a sequence scored alone and in
-    # a batch differ by rounding (up to ~0.8 nats measured); the adapters move these scores by 2.5-7.5 nats.
+    # 05_eval scored m1's test conversations with the m1 and m2 adapters attached to the shared model. The
+    # run is float32, where batching changes a score by ~1e-3 nats; the adapters move these scores by 1-8 nats.
     run = smoke[0]
-    fresh = LocalLM("embedded", cache_dir=model_cache)
+    fresh = LocalLM("embedded", cache_dir=model_cache, dtype="float32")
     for t in (1, 2):
         fresh.add_adapter(f"m{t}", run / f"iter{t - 1}" / "adapter")
     pairs = {(p["task_id"], p["persona_id"]): p for p in load_pairs(run, "test")}
@@ -117,9 +119,8 @@ def test_scores_come_from_the_base_model_even_with_adapters_loaded(smoke, model_
         pair, conv = pairs[(s["task_id"], s["persona_id"])], convs[(s["task_id"], s["persona_id"], s["conv_id"])]
         context = [answer_view(pair["name"], pair["task"], conv["messages"])]
         base, m1, m2 = (fresh.score(context, [pair["gold"]], adapter=a)[0][0] for a in (None, "m1", "m2"))
-        assert abs(base - s["logprob"]) < 1.0
-        assert abs(m1 - s["logprob"]) > 2 * abs(base - s["logprob"]) + 0.5
-        assert abs(m2 - s["logprob"]) > 2 * abs(base - s["logprob"]) + 0.5
+        assert abs(base - s["logprob"]) < 0.05
+        assert abs(m1 - s["logprob"]) > 0.3 and abs(m2 - s["logprob"]) > 0.3
 
 
 def test_each_iteration_leaves_a_peft_adapter(smoke):
