@@ -33,6 +33,7 @@ still running, in the order they were given), so a prompt's sample depends on wh
 with; runs with the same batches, seed and thread count are reproducible.
 """
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -277,20 +278,21 @@ def _left_pad(segments: list[list[int]], pad_token_id: int, device):
     return ids, mask
 
 
-def _prefill(model, cache_kw, extra, cache, plan: PrefillPlan, pad_token_id: int, device, last=None):
+def _prefill(decoder, last, cache_kw, cache, plan: PrefillPlan, pad_token_id: int, device):
     """Run the plan's three levels (root, groups, rests) into `cache`; returns (output of the last
-    level's forward, mask). `last`, if given, runs the rests instead of `model` (score_batch passes the
-    decoder without its head, for hidden states at every position).
+    level's forward, mask). The root and the groups only fill the cache, so they run `decoder` (the LM
+    without its head); the rests run `last`: the model for generation (logits at the last position), the
+    decoder for scoring (hidden states at every position).
 
     Before a level, each of its rows takes a copy of its parent's cache row (and mask row). A level whose
     segments are all empty is skipped. Positions are the row's count of real tokens so far, so a row gets
     the positions it would get alone, whatever padding lies between its segments.
     """
-    levels = [([plan.root], None),
-              (plan.groups, [0] * len(plan.groups)),
-              (plan.rests, plan.group)]
+    levels = [([plan.root], None, decoder),
+              (plan.groups, [0] * len(plan.groups), decoder),
+              (plan.rests, plan.group, last)]
     mask = torch.ones(1, 0, dtype=torch.long, device=device)
-    for segments, parent in levels:
+    for segments, parent, forward in levels:
         if parent is not None:
             index = torch.tensor(parent, device=device)
             mask = mask[index]
@@ -301,11 +303,8 @@ def _prefill(model, cache_kw, extra, cache, plan: PrefillPlan, pad_token_id: int
         ids, block = _left_pad(segments, pad_token_id, device)
         mask = torch.cat([mask, block], dim=-1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]  # padding: 0, never attended
-        if last is not None and segments is plan.rests:
-            out = last(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_kw: cache})
-        else:
-            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                        **{cache_kw: cache}, **extra)
+        out = forward(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                      **{cache_kw: cache})
     return out, mask
 
 
@@ -348,12 +347,17 @@ def generate_batch(model, prompt_ids: list[list[int]], max_new_tokens: int, eos_
 
     base, cache_kw, logits_kw = _forward_names(model)
     device = next(model.parameters()).device
-    extra = {logits_kw: 1} if logits_kw else {}
+    # Logits at the last position only, asked for by an index tensor rather than the int 1: for an int,
+    # transformers multiplies the strided slice hidden[:, -1:] by the head, and torch does that for a
+    # frozen head (as under peft) with a batched matmul that first copies the head once per row.
+    last = torch.tensor([-1], device=device) if logits_kw == "logits_to_keep" else 1
+    extra = {logits_kw: last} if logits_kw else {}
 
     with torch.inference_mode():
         plan = _plan(base, prompt_ids, min_shared)
         cache = _new_cache(base.config, plan.width + max_new_tokens)
-        out, mask = _prefill(model, cache_kw, extra, cache, plan, pad_token_id, device)
+        out, mask = _prefill(base.get_decoder(), functools.partial(model, **extra), cache_kw, cache, plan,
+                             pad_token_id, device)
         logits = out.logits[:, -1, :]
         next_position = mask.sum(-1, keepdim=True)  # [n, 1]: position of the token fed next
         rows = list(range(len(prompt_ids)))  # original index of each row still in the batch
@@ -400,15 +404,14 @@ def score_batch(model, prompt_ids: list[list[int]], response_ids: list[list[int]
         return []
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("score_batch: every prompt needs at least one token")
-    base, cache_kw, logits_kw = _forward_names(model)
-    extra = {logits_kw: 1} if logits_kw else {}
+    base, cache_kw, _ = _forward_names(model)
     decoder, head = base.get_decoder(), base.get_output_embeddings()
     device = next(model.parameters()).device
     with torch.inference_mode():
         plan = _plan(base, prompt_ids, min_shared)
         plan.rests = [rest + list(response) for rest, response in zip(plan.rests, response_ids)]
         cache = _new_cache(base.config, plan.width)
-        out, _ = _prefill(model, cache_kw, extra, cache, plan, pad_token_id, device, last=decoder)
+        out, _ = _prefill(decoder, decoder, cache_kw, cache, plan, pad_token_id, device)
         hidden, width = out.last_hidden_state, out.last_hidden_state.shape[1]
         # Rests are left-padded: response token j of row r sits at column width - len(response) + j.
         rows = [r for r, resp in enumerate(response_ids) for _ in resp]

@@ -270,10 +270,14 @@ class LocalLM:
         if not (Path(path) / "adapter_config.json").exists():
             raise StepError(f"{path}: no LoRA adapter here (adapter_config.json missing); "
                             "has 04_train.py finished for this iteration?")
+        # For inference the adapter takes the weights' dtype (peft would keep it in fp32): with a bf16 model
+        # every LoRA layer otherwise casts its input to fp32 and its output back, which doubled the time of
+        # generating with an adapter on a CPU.
         if self.adapters:
-            self.model.load_adapter(str(path), adapter_name=name)
+            self.model.load_adapter(str(path), adapter_name=name, autocast_adapter_dtype=False)
         else:
-            self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
+            self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name,
+                                                   autocast_adapter_dtype=False)
         self.model.eval()
         self.adapters[name] = str(path)
 

@@ -25,7 +25,7 @@ case "$PRESET" in
     GEN_FLAGS="--persona_max_tokens 120 --gold_max_tokens 96"
     SIM_FLAGS="--question_max_tokens 32 --answer_max_tokens 48"
     SELECT_FLAGS="--answer_max_tokens 96"
-    TRAIN_FLAGS="--learning_rate 5e-4 --epochs 2 --batch_size 1 --grad_accum 4 --lora_r 8"
+    TRAIN_FLAGS="--learning_rate 5e-4 --epochs 2 --batch_size 1 --grad_accum 4 --lora_r 8 --lora_dropout 0"
     EVAL_FLAGS="--question_max_tokens 32 --answer_max_tokens 48 --final_max_tokens 96 --judge_max_tokens 64 --batch_size 16"
     ;;
   smoke)   # the test suite's preset: the smallest sizes that still exercise every step (seconds per step)
@@ -46,7 +46,7 @@ case "$PRESET" in
     GEN_FLAGS="--tasks data/toy/tasks.jsonl"
     SIM_FLAGS="--question_max_tokens 24"
     SELECT_FLAGS="--answer_max_tokens 40"
-    TRAIN_FLAGS="--learning_rate 1e-3 --epochs 3 --batch_size 1 --grad_accum 4 --lora_r 8 --no_gradient_checkpointing"
+    TRAIN_FLAGS="--learning_rate 1e-3 --epochs 3 --batch_size 1 --grad_accum 4 --lora_r 8 --lora_dropout 0 --no_gradient_checkpointing"
     EVAL_FLAGS="--question_max_tokens 24 --final_max_tokens 40"
     ;;
   laptop)  # Mistral-7B-Instruct-v0.2 in 4-bit as Questioner and Roleplayer (one shared copy);

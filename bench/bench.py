@@ -6,7 +6,8 @@ the machine's own limit, all measured in this one run on this machine.
 
 1. Simulation: the same conversations (fixed pairs, seeds and token caps; Questioner T 0.9 / top_p 0.9,
    Roleplayer greedy) through (a) the project's local backend (batched, shared prompt prefixes prefilled
-   once, finished rows dropped), and the same without prefix reuse, (b) a naive loop that generates one
+   once, finished rows dropped), the same without prefix reuse, and with a LoRA adapter on the Questioner
+   (as from iteration 1 on and in the evaluation), (b) a naive loop that generates one
    conversation at a time with HF generate, (c) the project's openai: backend against a llama.cpp server on
    127.0.0.1 serving the same GGUF. Useful tokens = tokens returned.
 2. Scoring: summed log-prob of gold responses, batched vs one at a time.
@@ -33,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from models import LocalLM, ModelPool, encode_chat, encode_for_training, resolve_dtype  # noqa: E402
+from models import LocalChat, LocalLM, ModelPool, encode_chat, encode_for_training, resolve_dtype  # noqa: E402
 from roles import answer_view, simulate  # noqa: E402
 
 
@@ -124,6 +125,20 @@ def main():
     lm.min_shared = min_shared
     unshared = tokens / seconds
     rows.append(("simulation, ours, no prefix reuse", unshared, infer_limit, f"{60 * n / seconds:.1f} conv/min"))
+    # The Questioner of iteration t >= 1 and of the evaluation: the same model with a LoRA adapter on (r 8, all
+    # linear layers; a fresh one, so the text is the base model's and only the adapter's cost differs).
+    from peft import LoraConfig, get_peft_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        adapted = LocalLM("embedded", args.cache_dir, dtype=args.dtype)
+        get_peft_model(LocalLM("embedded", args.cache_dir, dtype=args.dtype).model,
+                       LoraConfig(r=8, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")).save_pretrained(tmp)
+        adapted.add_adapter("m1", tmp)
+        tokens, seconds, n = time_simulation(LocalChat(adapted, "m1"), LocalChat(adapted, None), batch,
+                                             lm.tokenizer, gen)
+        del adapted
+    rows.append(("simulation, ours, Questioner + adapter", tokens / seconds, infer_limit,
+                 f"{60 * n / seconds:.1f} conv/min"))
     naive_batch = items(args.naive_pairs, args.n_conversations)
     naive = NaiveChat(lm)
     tokens, seconds, n = time_simulation(naive, naive, naive_batch, lm.tokenizer, gen)
@@ -157,9 +172,7 @@ def main():
         lm.min_shared = min_shared
 
     # 3. Training: LoRA (r 8, all linear layers) as 04_train.py's presets train: batch 1, 4 sequences per
-    # AdamW update, 04's loss (logits only where a labelled token is predicted).
-    from peft import LoraConfig, get_peft_model
-
+    # AdamW update, 04's loss (logits only where a labelled token is predicted), no LoRA dropout.
     labelled_loss = importlib.import_module("04_train").labelled_loss
     train_lm = LocalLM("embedded", args.cache_dir, dtype=args.dtype)
     model = get_peft_model(train_lm.model, LoraConfig(r=8, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
