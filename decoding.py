@@ -350,8 +350,8 @@ def generate_batch(model, prompt_ids: list[list[int]], max_new_tokens: int, eos_
     # Logits at the last position only, asked for by an index tensor rather than the int 1: for an int,
     # transformers multiplies the strided slice hidden[:, -1:] by the head, and torch does that for a
     # frozen head (as under peft) with a batched matmul that first copies the head once per row.
-    last = torch.tensor([-1], device=device) if logits_kw == "logits_to_keep" else 1
-    extra = {logits_kw: last} if logits_kw else {}
+    last_position = torch.tensor([-1], device=device) if logits_kw == "logits_to_keep" else 1
+    extra = {logits_kw: last_position} if logits_kw else {}
 
     with torch.inference_mode():
         plan = _plan(base, prompt_ids, min_shared)
