@@ -351,13 +351,12 @@ def generate_batch(model, prompt_ids: list[list[int]], max_new_tokens: int, eos_
     # transformers multiplies the strided slice hidden[:, -1:] by the head, and torch does that for a
     # frozen head (as under peft) with a batched matmul that first copies the head once per row.
     last_position = torch.tensor([-1], device=device) if logits_kw == "logits_to_keep" else 1
-    extra = {logits_kw: last_position} if logits_kw else {}
+    forward = functools.partial(model, **({logits_kw: last_position} if logits_kw else {}))
 
     with torch.inference_mode():
         plan = _plan(base, prompt_ids, min_shared)
         cache = _new_cache(base.config, plan.width + max_new_tokens)
-        out, mask = _prefill(base.get_decoder(), functools.partial(model, **extra), cache_kw, cache, plan,
-                             pad_token_id, device)
+        out, mask = _prefill(base.get_decoder(), forward, cache_kw, cache, plan, pad_token_id, device)
         logits = out.logits[:, -1, :]
         next_position = mask.sum(-1, keepdim=True)  # [n, 1]: position of the token fed next
         rows = list(range(len(prompt_ids)))  # original index of each row still in the batch
@@ -383,8 +382,8 @@ def generate_batch(model, prompt_ids: list[list[int]], max_new_tokens: int, eos_
                 rows = [rows[j] for j in index.tolist()]
                 mask = _trim_leading_padding(cache, mask)
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=-1)
-            out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_position,
-                        use_cache=True, **{cache_kw: cache}, **extra)
+            out = forward(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_position,
+                          use_cache=True, **{cache_kw: cache})
             logits = out.logits[:, -1, :]
             next_position = next_position + 1
     return outputs
