@@ -3,7 +3,7 @@
     with FaultProxy("http://127.0.0.1:8080/v1", fault_rate=0.5, seed=0) as proxy:
         client = openai.OpenAI(base_url=proxy.base_url, ...)   # same path as the upstream base URL
         ...
-        proxy.stats()   # requests, faults by kind, upstream completions per request body
+        proxy.stats()   # requests, faults by kind, upstream completions and deliveries per request body
 
 Each request the proxy receives is faulted or not on a deterministic schedule: a `random.Random(seed)`
 draw per request (probability `fault_rate`, at most `max_consecutive` faults in a row, so that a client
@@ -89,6 +89,8 @@ class FaultProxy:
             self.completed_by_body = collections.Counter()   # body hash -> upstream completions
             self.delivered_by_body = collections.Counter()   # body hash -> full answers delivered
             self.lost_by_body = collections.Counter()        # body hash -> completions lost by a fault after upstream
+            self.abandoned_by_body = collections.Counter()   # body hash -> unfaulted answers the client left before
+            self.upstream_seconds = []                        # seconds each forwarded request took upstream
             self.statuses = collections.Counter()            # upstream status -> count
             self.schedule = []                                # (request number, kind or None, body hash)
             self._consecutive = 0
@@ -123,7 +125,9 @@ class FaultProxy:
                     "failed_share": failed / self.received if self.received else 0.0,
                     "completed_by_body": dict(self.completed_by_body),
                     "delivered_by_body": dict(self.delivered_by_body),
-                    "lost_by_body": dict(self.lost_by_body), "upstream_statuses": dict(self.statuses)}
+                    "lost_by_body": dict(self.lost_by_body), "abandoned_by_body": dict(self.abandoned_by_body),
+                    "upstream_seconds_max": max(self.upstream_seconds, default=0.0),
+                    "upstream_statuses": dict(self.statuses)}
 
     # --- server ---------------------------------------------------------------------------------------
 
@@ -168,6 +172,7 @@ class FaultProxy:
                                                 timeout=self.upstream_timeout)
         with self.lock:
             self.forwarded += 1
+        start = time.monotonic()
         try:
             connection.request(handler.command, handler.path, body=body if handler.command != "GET" else None,
                                headers=headers)
@@ -177,6 +182,7 @@ class FaultProxy:
         finally:
             connection.close()
         with self.lock:
+            self.upstream_seconds.append(time.monotonic() - start)
             self.statuses[result[0]] += 1
             if result[0] == 200 and handler.command == "POST":
                 self.completed += 1
@@ -186,6 +192,7 @@ class FaultProxy:
     def _handle(self, handler, body: bytes):
         digest = body_hash(body)
         kind, retry_after = self._decide(digest) if handler.command == "POST" else (None, "0")
+        status = None  # the upstream's, once forwarded
         try:
             if kind in ("429", "500", "503"):
                 status = int(kind)
@@ -235,3 +242,6 @@ class FaultProxy:
                     self.delivered_by_body[digest] += 1
         except OSError:  # the client went away (after a timeout of its own): nothing to answer
             handler.close_connection = True
+            if kind not in ("truncate", "stall") and status == 200 and handler.command == "POST":
+                with self.lock:
+                    self.abandoned_by_body[digest] += 1
