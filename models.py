@@ -12,6 +12,7 @@ Roleplayer fit one GPU: LoRA adapters are attached by name and switched off for 
 
 import concurrent.futures
 import contextlib
+import copy
 import hashlib
 import importlib.util
 import json
@@ -26,6 +27,9 @@ from decoding import generate_batch, plan_prefill, score_batch
 from utils import StepError, append_jsonl, read_partial
 
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Generation with an adapter runs a copy of the model with the adapter merged into its weights when the model
+# is unquantized and at most this big (LocalLM.merged_copy): a copy costs a model's memory.
+MERGE_MAX_PARAMS = 1_000_000_000
 
 
 # --- Specs and loading ------------------------------------------------------------------------------
@@ -257,6 +261,9 @@ class LocalLM:
         limits = [n for n in (getattr(self.model.config, "max_position_embeddings", None), context_override()) if n]
         self.context_length = min(limits) if limits else None
         self.min_shared = 8  # prompt prefixes shared by this many tokens are prefilled once (0: never)
+        self.merge_adapters = (getattr(self.model.config, "quantization_config", None) is None
+                               and self.model.num_parameters() <= MERGE_MAX_PARAMS)
+        self.merged = (None, None)  # (adapter name, the model with it merged): one copy at a time
 
     @property
     def device(self):
@@ -282,17 +289,36 @@ class LocalLM:
         self.adapters[name] = str(path)
 
     @contextlib.contextmanager
-    def using(self, adapter: str | None):
-        """Run with the named adapter active, or with every adapter switched off (the base model)."""
+    def using(self, adapter: str | None, merged: bool = False):
+        """Yield the model to run: with the named adapter active, or with every adapter switched off (the
+        base model). merged: a small unquantized model runs a copy with the adapter merged (merged_copy)."""
+        if adapter is not None and adapter not in self.adapters:
+            raise StepError(f"adapter {adapter!r} is not loaded")
         if adapter is None and self.adapters:
             with self.model.disable_adapter():
-                yield
+                yield self.model
+            return
+        if adapter is not None and merged and self.merge_adapters:
+            yield self.merged_copy(adapter)
             return
         if adapter is not None:
-            if adapter not in self.adapters:
-                raise StepError(f"adapter {adapter!r} is not loaded")
             self.model.set_adapter(adapter)
-        yield
+        yield self.model
+
+    def merged_copy(self, adapter: str):
+        """A copy of the model with `adapter` merged into its weights (W + BA), for generation. A LoRA layer
+        adds two thin matmuls per linear layer at every position, which made a small model's generation on a
+        CPU ~1.4x slower; merged, it runs like the base. Merging in place would not do: the base is shared
+        with the roles that need it, and in bf16 unmerging does not give the weights back exactly. In fp32 the
+        merged copy computes what the adapter does (logits within ~1e-4); in bf16 its rounding differs from
+        the unmerged adapter's by about as much as either differs from fp32 (measured: mean |logit error|
+        0.14 vs 0.15). One copy is kept at a time (a step generates with one adapter at a time)."""
+        if self.merged[0] != adapter:
+            self.merged = (None, None)  # free the previous copy first
+            twin = copy.deepcopy(self.model)
+            twin.set_adapter(adapter)
+            self.merged = (adapter, twin.merge_and_unload(adapter_names=[adapter]).eval())
+        return self.merged[1]
 
     def prompt_ids(self, prompt, max_new_tokens: int):
         """(token ids, truncated) of a chat prompt that max_new_tokens will follow: a prompt that does not
@@ -325,16 +351,16 @@ class LocalLM:
                  batch_size=16, desc=None):
         """Batched chat generation, one seed per batch. Prompt prefixes shared by several prompts are
         prefilled once, and rows that finish leave the batch at once (decoding.generate_batch), in the
-        order of batch_order."""
+        order of batch_order. With an adapter, a small model generates from a merged copy (merged_copy)."""
         encoded = [self.prompt_ids(p, max_new_tokens)[0] for p in prompts]  # cut to fit the context, if need be
         order = self.batch_order(encoded, list(map(len, encoded)))
         outputs = [None] * len(encoded)
         stop = {self.tokenizer.eos_token_id, *self.stop_ids}
         batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-        with self.using(adapter):
+        with self.using(adapter, merged=True) as model:
             for b, rows in enumerate(tqdm(batches, desc=desc, leave=False, disable=desc is None)):
                 generator = torch.Generator(self.device).manual_seed(seed + b)
-                new = generate_batch(self.model, [encoded[i] for i in rows], max_new_tokens, stop,
+                new = generate_batch(model, [encoded[i] for i in rows], max_new_tokens, stop,
                                      self.tokenizer.pad_token_id, temperature, top_p, generator, self.min_shared)
                 for i, ids in zip(rows, new):
                     outputs[i] = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
@@ -354,9 +380,9 @@ class LocalLM:
         order = self.batch_order([p for p, _, _ in pairs], [len(p) + len(r) for p, r, _ in pairs])
         results = [None] * len(pairs)
         batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-        with self.using(adapter):
+        with self.using(adapter) as model:
             for rows in tqdm(batches, desc=desc, leave=False, disable=desc is None):
-                sums = score_batch(self.model, [pairs[i][0] for i in rows], [pairs[i][1] for i in rows],
+                sums = score_batch(model, [pairs[i][0] for i in rows], [pairs[i][1] for i in rows],
                                    self.tokenizer.pad_token_id, self.min_shared)
                 for i, logprob in zip(rows, sums):
                     results[i] = (logprob, len(pairs[i][1]), pairs[i][2])

@@ -436,6 +436,27 @@ def test_adapters_change_scores_only_when_named(model_cache, tmp_path):
         adapted.score(prompts, responses, adapter="three")
 
 
+def test_generation_with_an_adapter_runs_a_merged_copy_that_writes_what_the_adapter_does(model_cache, tmp_path):
+    """A small unquantized model generates with an adapter from a copy with the adapter merged into its
+    weights (faster on a CPU). In fp32 that copy writes exactly what peft's unmerged adapter writes; it is
+    one copy at a time, and the shared model the base roles use is left as it was."""
+    model_dir = models.embedded_model_dir(model_cache)
+    adapted = models.LocalLM("embedded", cache_dir=model_cache, dtype="float32")
+    assert adapted.merge_adapters
+    base_text = adapted.generate(PROMPTS, max_new_tokens=12)
+    adapted.add_adapter("one", make_adapter(model_dir, tmp_path / "one", seed=1))
+    adapted.add_adapter("two", make_adapter(model_dir, tmp_path / "two", seed=2))
+
+    merged = {name: adapted.generate(PROMPTS, max_new_tokens=12, adapter=name) for name in ("one", "two")}
+    assert adapted.merged[0] == "two"  # the copy of "one" was dropped for "two"
+    assert adapted.generate(PROMPTS, max_new_tokens=12, adapter="one") == merged["one"]
+    assert adapted.generate(PROMPTS, max_new_tokens=12, adapter=None) == base_text
+    adapted.merge_adapters = False  # peft's own path: the adapter's LoRA layers on the shared model
+    unmerged = {name: adapted.generate(PROMPTS, max_new_tokens=12, adapter=name) for name in ("one", "two")}
+    assert merged == unmerged
+    assert merged["one"] != base_text and merged["two"] != merged["one"]
+
+
 # --- 4-bit ------------------------------------------------------------------------------------------------
 
 def test_want_4bit():
@@ -452,6 +473,7 @@ def test_4bit_loading_on_cpu(model_cache):
     layers = [m for name, m in quantized.model.named_modules() if name.endswith(("q_proj", "down_proj"))]
     assert layers and all(isinstance(m, bnb.nn.Linear4bit) for m in layers)
     assert all(m.weight.quant_state.quant_type == "nf4" for m in layers)
+    assert not quantized.merge_adapters  # 4-bit weights cannot take a merged adapter: peft's LoRA layers run
     assert quantized.generate(PROMPTS[:1], max_new_tokens=6)[0].strip()
     (logprob, n_tokens, _), = quantized.score(PROMPTS[:1], RESPONSES[:1])
     assert n_tokens == 3 and logprob < 0
