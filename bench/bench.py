@@ -126,7 +126,8 @@ def main():
     unshared = tokens / seconds
     rows.append(("simulation, ours, no prefix reuse", unshared, infer_limit, f"{60 * n / seconds:.1f} conv/min"))
     # The Questioner of iteration t >= 1 and of the evaluation: the same model with a LoRA adapter on (r 8, all
-    # linear layers; a fresh one, so the text is the base model's and only the adapter's cost differs).
+    # linear layers; a fresh one, so the text is the base model's and only the adapter's cost differs: for a
+    # model this small, LocalLM generates from a copy with the adapter merged, so that cost is making the copy).
     from peft import LoraConfig, get_peft_model
 
     with tempfile.TemporaryDirectory() as tmp:
