@@ -90,7 +90,7 @@ class FaultProxy:
             self.delivered_by_body = collections.Counter()   # body hash -> full answers delivered
             self.lost_by_body = collections.Counter()        # body hash -> completions lost by a fault after upstream
             self.abandoned_by_body = collections.Counter()   # body hash -> unfaulted answers the client left before
-            self.upstream_seconds = []                        # seconds each forwarded request took upstream
+            self.upstream_seconds_max = 0.0                   # the slowest forwarded request's upstream time
             self.statuses = collections.Counter()            # upstream status -> count
             self.schedule = []                                # (request number, kind or None, body hash)
             self._consecutive = 0
@@ -126,7 +126,7 @@ class FaultProxy:
                     "completed_by_body": dict(self.completed_by_body),
                     "delivered_by_body": dict(self.delivered_by_body),
                     "lost_by_body": dict(self.lost_by_body), "abandoned_by_body": dict(self.abandoned_by_body),
-                    "upstream_seconds_max": max(self.upstream_seconds, default=0.0),
+                    "upstream_seconds_max": self.upstream_seconds_max,
                     "upstream_statuses": dict(self.statuses)}
 
     # --- server ---------------------------------------------------------------------------------------
@@ -182,7 +182,7 @@ class FaultProxy:
         finally:
             connection.close()
         with self.lock:
-            self.upstream_seconds.append(time.monotonic() - start)
+            self.upstream_seconds_max = max(self.upstream_seconds_max, time.monotonic() - start)
             self.statuses[result[0]] += 1
             if result[0] == 200 and handler.command == "POST":
                 self.completed += 1
