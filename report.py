@@ -125,14 +125,22 @@ def write_report(folder: Path, metrics: dict, ablations: dict[str, dict]):
                   + ", ".join(f"m{t} {fmt(metrics['models'][f'm{t}']['diagnostics']['attribute_hit_rate'], 2)}"
                               for t in models) + "."]
     if ablations:
-        lines += ["", "## Ablations (win rate % against the same m0)", "",
-                  "| run | " + " | ".join(f"m{t}" for t in models[1:]) + " | *paper* |",
-                  "|---|" + "---|" * len(models[1:]) + "---|"]
-        for name, other in ablations.items():
+        # Each ablation beside this run: its win rate and its gold log-prob gain against the same m0.
+        later = [f"m{t}" for t in models[1:]]
+        lines += ["", "## Ablations (against the same m0)", "",
+                  "| run | " + " | ".join(f"{m} win rate %" for m in later) + " | "
+                  + " | ".join(f"{m} - m0 log-prob, 95% CI" for m in later) + " | *paper win rate* |",
+                  "|---|" + "---|" * (2 * len(later)) + "---|"]
+        runs = {f"{Path(metrics['run_dir']).name}": dict(metrics, target="own"), **ablations}
+        for name, other in runs.items():
             target = other.get("target", name)
-            cells = [f"{fmt(other['models'].get(f'm{t}', {}).get('win_rate', {}).get('win_rate'))}" for t in models[1:]]
-            paper = ", ".join(fmt(PAPER["ablations"].get(target, {}).get(t)) for t in models[1:])
-            lines.append(f"| {name} (target {target}) | " + " | ".join(cells) + f" | *{paper}* |")
+            found = [other["models"].get(m, {}) for m in later]
+            wins = [fmt(m.get("win_rate", {}).get("win_rate")) for m in found]
+            gains = [f"{fmt(m['gain_over_m0']['mean'], 2)} {fmt_ci(m['gain_over_m0']['ci95'], 2)}"
+                     if "gain_over_m0" in m else "-" for m in found]
+            rates = PAPER["win_rate"] if target == "own" else PAPER["ablations"].get(target, {})
+            paper = ", ".join(fmt(rates.get(t)) for t in models[1:])
+            lines.append(f"| {name} (target {target}) | " + " | ".join(wins + gains) + f" | *{paper}* |")
     lines += ["", "![win rate](winrate.png)", "", "![gold log-prob](logprob.png)", ""]
     (folder / "report.md").write_text("\n".join(lines))
     plot(folder, metrics, models)

@@ -41,7 +41,7 @@ case "$PRESET" in
            # embedded Questioner, trained by the same steps, with a scripted Oracle, Roleplayer and Judge.
            # For seeing the mechanism work on a CPU in minutes; NOT the paper's setting.
     QUESTIONER=embedded; ROLEPLAYER=scripted:data/toy; ORACLE=$ROLEPLAYER; JUDGE=$ROLEPLAYER
-    ITERATIONS=2; N_TASKS="12 12 12"; N_PERSONAS="5 5 9"; N=4; TOP_K=1; TEST_PAIRS=108; EVAL_N=2
+    ITERATIONS=2; N_TASKS="24 24 24"; N_PERSONAS="3 3 5"; N=4; TOP_K=1; TEST_PAIRS=120; EVAL_N=2
     ABLATION_TARGETS=none  # the no-regularisation ablation (questions only) beside the method
     GEN_FLAGS="--tasks data/toy/tasks.jsonl"
     SIM_FLAGS="--question_max_tokens 24"

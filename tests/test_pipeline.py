@@ -184,9 +184,16 @@ def test_report_puts_ablations_beside_the_main_run(smoke, tmp_path):
 
     metrics = json.loads((smoke[0] / "eval" / "metrics.json").read_text())
     ablation = dict(metrics, target="gold")
+    ablation["models"] = dict(metrics["models"], m1=dict(metrics["models"]["m1"], gain_over_m0={
+        "mean": 1.234, "ci95": [0.5, 2.0]}))  # a gain of its own, so its row must show it, not the main run's
     write_report(tmp_path, metrics, {"run-gold": ablation})
     report = (tmp_path / "report.md").read_text()
-    assert "## Ablations" in report and "| run-gold (target gold) |" in report and "*44.1, 51.8*" in report
+    assert "## Ablations" in report and "*44.1, 51.8*" in report
+    main_row = next(line for line in report.splitlines() if line.startswith(f"| {smoke[0].name} (target own) |"))
+    gold_row = next(line for line in report.splitlines() if line.startswith("| run-gold (target gold) |"))
+    assert "| 1.23 [0.50, 2.00] |" in gold_row and "1.23" not in main_row
+    gain = metrics["models"]["m1"]["gain_over_m0"]
+    assert f"| {gain['mean']:.2f} [{gain['ci95'][0]:.2f}, {gain['ci95'][1]:.2f}] |" in main_row
 
 
 def test_a_second_run_recomputes_nothing(smoke):
