@@ -1,6 +1,6 @@
 """How often the embedded Questioner asks a question, by turn, under prompt variants (issue #7, part 1).
 
-    python bench/question_rate.py base|nudge|examples3|both
+    python bench/question_rate.py base|nudge|examples3|both [QUESTION_MAX_TOKENS (default 32)]
 
 48 conversations of 3 turns (24 tasks x 2 personas), the embedded model as Questioner (T 0.9, top_p 0.9)
 and Roleplayer (greedy); prints the share of Questioner turns containing "?" by turn. nudge: each
@@ -19,6 +19,7 @@ import roles  # noqa: E402
 from models import ModelPool  # noqa: E402
 
 variant = sys.argv[1]
+question_max_tokens = int(sys.argv[2]) if len(sys.argv) > 2 else 32  # the tiny preset's cap
 tasks = [json.loads(l)["text"] for l in open(ROOT / "data" / "tasks.jsonl")][:24]
 personas = [json.loads(l) for l in open(ROOT / "data" / "personas.jsonl")]
 items = [{"name": personas[(i + k) % 12]["name"], "bio": personas[(i + k) % 12]["bio"], "task": t, "n_turns": 3}
@@ -36,10 +37,10 @@ if variant in ("examples3", "both"):
     ]
 pool = ModelPool(str(ROOT / "cache"), "no")
 chat = pool.chat("embedded")
-gen = {"questioner": dict(max_new_tokens=32, temperature=0.9, top_p=0.9, batch_size=48),
+gen = {"questioner": dict(max_new_tokens=question_max_tokens, temperature=0.9, top_p=0.9, batch_size=48),
        "roleplayer": dict(max_new_tokens=48, temperature=0.0, top_p=1.0, batch_size=48)}
 t = time.time()
 dialogues, _ = roles.simulate(chat, chat, items, gen, seed=0)
 by_turn = [[("?" in d[2 * k]["content"]) for d in dialogues] for k in range(3)]
 rate = [sum(x) / len(x) for x in by_turn]
-print(variant, "question rate by turn", [f"{r:.0%}" for r in rate], f"all {sum(map(sum, by_turn)) / (3 * len(dialogues)):.0%}", f"{time.time() - t:.0f} s")
+print(variant, f"cap {question_max_tokens}", "question rate by turn", [f"{r:.0%}" for r in rate], f"all {sum(map(sum, by_turn)) / (3 * len(dialogues)):.0%}", f"{time.time() - t:.0f} s")
