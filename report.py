@@ -131,7 +131,7 @@ def write_report(folder: Path, metrics: dict, ablations: dict[str, dict]):
                   "| run | " + " | ".join(f"{m} win rate %" for m in later) + " | "
                   + " | ".join(f"{m} - m0 log-prob, 95% CI" for m in later) + " | *paper win rate* |",
                   "|---|" + "---|" * (2 * len(later)) + "---|"]
-        runs = {f"{Path(metrics['run_dir']).name}": dict(metrics, target="own"), **ablations}
+        runs = {Path(metrics["run_dir"]).name: dict(metrics, target="own"), **ablations}
         for name, other in runs.items():
             target = other.get("target", name)
             found = [other["models"].get(m, {}) for m in later]
