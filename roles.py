@@ -31,6 +31,8 @@ QUESTIONER_EXAMPLES = [
     {"role": "assistant", "content": "What kinds of movies do you usually enjoy?"},
     {"role": "user", "content": "Mostly old science-fiction films, the slower the better."},
     {"role": "assistant", "content": "Will you be watching alone or with others?"},
+    {"role": "user", "content": "With my partner, who prefers comedies."},
+    {"role": "assistant", "content": "How long a film do you have time for?"},
     {"role": "user", "content": "Hi, I'm Lee. Help me plan a birthday dinner."},
     {"role": "assistant", "content": "Who is the dinner for, and what food do they like?"},
 ]
@@ -41,6 +43,9 @@ ROLEPLAYER_SYSTEM = (
     "Answer each question truthfully as this person, in at most three sentences, with concrete details "
     "from your life. Do not answer the request yourself and do not ask questions back."
 )
+
+# Appended to a Roleplayer answer as the Questioner sees it, when a question is to follow.
+NEXT_QUESTION = "(Ask me your next question.)"
 
 FINAL_ANSWER_PROMPT = (
     "Thanks for the questions. Now please answer my original request, using what I told you about myself: "
@@ -81,10 +86,18 @@ def first_turn(name: str, task: str) -> str:
     return f"Hi, I'm {name}. {task}"
 
 
-def questioner_view(name: str, task: str, dialogue: list[dict]) -> list[dict]:
-    """What the Questioner sees: its instructions and example, the user's request, the dialogue so far."""
+def questioner_view(name: str, task: str, dialogue: list[dict], ask_after_last: bool = True) -> list[dict]:
+    """What the Questioner sees: its instructions and example, the user's request, the dialogue so far.
+
+    Each Roleplayer answer the Questioner replies to with a question ends with NEXT_QUESTION: without it a
+    small model drifts into answering by the third turn. ask_after_last=False leaves the last answer bare,
+    for answer_view, which follows it with the request for the final answer instead.
+    """
+    last = len(dialogue) - 1
+    shown = [dict(m, content=f"{m['content']}\n\n{NEXT_QUESTION}")
+             if m["role"] == "user" and (ask_after_last or i < last) else m for i, m in enumerate(dialogue)]
     return [{"role": "system", "content": QUESTIONER_SYSTEM}, *QUESTIONER_EXAMPLES,
-            {"role": "user", "content": first_turn(name, task)}] + dialogue
+            {"role": "user", "content": first_turn(name, task)}] + shown
 
 
 def roleplayer_view(bio: str, task: str, dialogue: list[dict]) -> list[dict]:
@@ -100,7 +113,7 @@ def answer_view(name: str, task: str, dialogue: list[dict]) -> list[dict]:
     The restatement follows the last answer in the same user turn (templates need alternating roles).
     This is also the context in which the gold response is scored.
     """
-    return questioner_view(name, task, dialogue) + [
+    return questioner_view(name, task, dialogue, ask_after_last=False) + [
         {"role": "user", "content": FINAL_ANSWER_PROMPT.format(task=task)}]
 
 

@@ -23,10 +23,10 @@ case "$PRESET" in
     QUESTIONER=embedded; ROLEPLAYER=embedded; ORACLE=embedded; JUDGE=embedded
     ITERATIONS=2; N_TASKS="4 4 3"; N_PERSONAS="3 3 3"; N=3; TOP_K=1; TEST_PAIRS=9
     GEN_FLAGS="--persona_max_tokens 120 --gold_max_tokens 96"
-    SIM_FLAGS="--question_max_tokens 32 --answer_max_tokens 48"
+    SIM_FLAGS="--question_max_tokens 64 --answer_max_tokens 48"
     SELECT_FLAGS="--answer_max_tokens 96"
     TRAIN_FLAGS="--learning_rate 5e-4 --epochs 2 --batch_size 1 --grad_accum 4 --lora_r 8 --lora_dropout 0"
-    EVAL_FLAGS="--question_max_tokens 32 --answer_max_tokens 48 --final_max_tokens 96 --judge_max_tokens 64 --batch_size 16"
+    EVAL_FLAGS="--question_max_tokens 64 --answer_max_tokens 48 --final_max_tokens 96 --judge_max_tokens 64 --batch_size 16"
     ;;
   smoke)   # the test suite's preset: the smallest sizes that still exercise every step (seconds per step)
     QUESTIONER=embedded; ROLEPLAYER=embedded; ORACLE=embedded; JUDGE=embedded

@@ -416,7 +416,8 @@ def test_questioner_never_sees_the_persona():
 
 def test_answer_view_ends_with_the_restated_task_as_a_user_turn():
     view = roles.answer_view("Maya", "Suggest a dinner.", DIALOGUE)
-    assert view[2 + len(roles.QUESTIONER_EXAMPLES):-1] == DIALOGUE
+    nudged = f"Peanuts.\n\n{roles.NEXT_QUESTION}"  # a question followed this answer; none follows the last
+    assert view[2 + len(roles.QUESTIONER_EXAMPLES):-1] == [DIALOGUE[0], dict(DIALOGUE[1], content=nudged), *DIALOGUE[2:]]
     assert view[-1]["role"] == "user"
     assert view[-1]["content"] == roles.FINAL_ANSWER_PROMPT.format(task="Suggest a dinner.")
     assert view[-1]["content"].endswith("Suggest a dinner.")
@@ -457,3 +458,17 @@ def test_every_step_can_print_its_help(step):
     '%' in one (05's "95% intervals" was) turns --help into a traceback."""
     text = HfArgumentParser(importlib.import_module(step).Args).format_help()
     assert "--run_dir" in text and "--seed" in text
+
+
+def test_each_question_is_trained_in_the_context_it_was_asked_in():
+    # 03's training record is answer_view(dialogue) + the final answer; the Questioner asked turn k's question
+    # seeing questioner_view(dialogue[:2k]). The two must agree on everything before that question, and
+    # only the answers a question followed carry the request for a next question.
+    record = roles.answer_view("Maya", "Suggest a dinner.", DIALOGUE)
+    for k in range(len(DIALOGUE) // 2):
+        asked_in = roles.questioner_view("Maya", "Suggest a dinner.", DIALOGUE[:2 * k])
+        assert record[:len(asked_in)] == asked_in
+        assert record[len(asked_in)] == DIALOGUE[2 * k]  # then the question itself
+        if k:
+            assert asked_in[-1]["content"].endswith(roles.NEXT_QUESTION)
+    assert not any(roles.NEXT_QUESTION in m["content"] for m in record[-2:])  # the last answer, the final request
