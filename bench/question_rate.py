@@ -5,8 +5,8 @@
 48 conversations of 3 turns (24 tasks x 2 personas), the embedded model as Questioner (T 0.9, top_p 0.9)
 and Roleplayer (greedy); prints the share of Questioner turns containing "?" by turn. nudge: each
 Roleplayer reply, as the Questioner sees it, ends with "(Ask me your next question.)"; examples3: the
-worked example shows three questions in a row; both: the two together. Variants patch roles.py in this
-process only. Local models compute as the steps do (--dtype auto).
+worked example shows three questions in a row; both: the two together (roles.py's current view); base:
+neither (the earlier view). Variants patch roles.py in this process only. Local models compute as the steps do (--dtype auto).
 """
 import json
 import sys
@@ -24,17 +24,12 @@ tasks = [json.loads(l)["text"] for l in open(ROOT / "data" / "tasks.jsonl")][:24
 personas = [json.loads(l) for l in open(ROOT / "data" / "personas.jsonl")]
 items = [{"name": personas[(i + k) % 12]["name"], "bio": personas[(i + k) % 12]["bio"], "task": t, "n_turns": 3}
          for i, t in enumerate(tasks) for k in range(2)]
-base_view = roles.questioner_view
-if variant in ("nudge", "both"):
-    def view(name, task, dialogue):
-        d = [dict(m, content=m["content"] + "\n\n(Ask me your next question.)") if m["role"] == "user" else m for m in dialogue]
-        return base_view(name, task, d)
-    roles.questioner_view = view
-if variant in ("examples3", "both"):
-    roles.QUESTIONER_EXAMPLES[4:4] = [  # a third question in the first example, after a third answer
-        {"role": "user", "content": "With my partner, who prefers comedies."},
-        {"role": "assistant", "content": "How long a film do you have time for?"},
-    ]
+# roles.py holds the current view (`both`); the other variants take back one change or both.
+current_view = roles.questioner_view
+if variant in ("base", "examples3"):  # no nudge: the dialogue as it was said
+    roles.questioner_view = lambda name, task, dialogue: current_view(name, task, []) + dialogue
+if variant in ("base", "nudge"):  # the worked example with two questions in a row, not three
+    del roles.QUESTIONER_EXAMPLES[4:6]
 pool = ModelPool(str(ROOT / "cache"), "no")
 chat = pool.chat("embedded")
 gen = {"questioner": dict(max_new_tokens=question_max_tokens, temperature=0.9, top_p=0.9, batch_size=48),
