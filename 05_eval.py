@@ -27,9 +27,9 @@ from pathlib import Path
 
 from models import ModelPool, parse_spec, truncated
 from report import bootstrap_ci, load_metrics, min_detectable_effect, pair_outcome, win_rate, write_report
-from roles import JUDGE_PROMPT, JUDGE_SYSTEM, answer_view, parse_verdict
-from utils import (StepError, load_pairs, parse_args, questioner_adapter, read_jsonl, record_args, resumable,
-                   run_main, seed_everything, write_json_atomic)
+from roles import JUDGE_PROMPT, JUDGE_SYSTEM, answer_problem, answer_view, parse_verdict
+from utils import (StepError, load_pairs, parse_args, provenance, questioner_adapter, read_jsonl, record_args,
+                   resumable, run_main, seed_everything, write_json_atomic)
 
 simulate_pairs = importlib.import_module("02_simulate").simulate_pairs  # the same simulation as training
 
@@ -85,6 +85,22 @@ def diagnostics(conversations, pairs) -> dict:
             "answered_instead": sum("?" not in q and len(q.split()) > 25 for q in asked) / max(1, len(asked)),
             "persona_leak": sum(leaked(r, b) for r, b in replies) / max(1, len(replies)),
             "empty_turns": sum(not m.strip() for m in asked) + sum(not r.strip() for r, _ in replies)}
+
+
+def answer_diagnostics(answers: dict, conversations: dict, pairs: dict, world=None) -> dict:
+    """What the final answers are (pair -> answer, after the pair's conversation): the share that is no answer
+    at all (a question, a refusal, empty: roles.answer_problem). In the toy world also, over the task's relevant
+    attributes, the share of values the user told that the answer names (`revealed_used`), and the share of
+    attributes for which it names a value the user never told (`hallucinated`, a guess right or wrong)."""
+    problems = [answer_problem(a) for a in answers.values()]
+    result = {"no_answer": sum(p is not None for p in problems) / len(problems),
+              **{f"no_answer_{kind}": sum(p == kind for p in problems) / len(problems)
+                 for kind in ("question", "refusal", "empty")}}
+    if world is not None:
+        use = [world.answer_use(answers[k], conversations[k], pairs[k]["task"]) for k in sorted(answers)]
+        result["revealed_used"] = sum(u["used"] for u in use) / max(1, sum(u["told"] for u in use))
+        result["hallucinated"] = sum(u["hallucinated"] for u in use) / sum(u["attributes"] for u in use)
+    return result
 
 
 def gold_flags(run_dir) -> dict:
@@ -232,7 +248,8 @@ def main():
     mean_of = per_pair(results[0]["scores"], lambda v: sum(v) / len(v))
     no_conv = {(c["task_id"], c["persona_id"]): c["logprob"] for c in controls if c["control"] == "no_conversation"}
     select_args = Path(args.run_dir) / "iter0" / "args_03_select.json"
-    metrics = {"run_dir": args.run_dir, "questioner": args.questioner, "roleplayer": args.roleplayer,
+    metrics = {"run_dir": args.run_dir, "seed": args.seed, "provenance": provenance(), "questioner": args.questioner,
+               "roleplayer": args.roleplayer,
                "judge": judge.name, "test_pairs": len(pairs), "n_conversations": args.n_conversations,
                "target": json.loads(select_args.read_text())["target"] if select_args.exists() else None,
                "controls": {name: sum(c["logprob"] for c in controls if c["control"] == name) / len(pairs)
@@ -247,9 +264,14 @@ def main():
         m = {"logprob_mean": sum(means.values()) / len(means),
              "logprob_best": sum(per_pair(r["scores"], max).values()) / len(means),
              "diagnostics": diagnostics(r["convs"], by_pair)}
-        if hasattr(roleplayer, "world"):  # the toy preset: do the questions ask about what matters for the task?
-            hits = [h for c in r["convs"] for h in roleplayer.world.hits(c["messages"], by_pair[(c["task_id"], c["persona_id"])]["task"])]
+        world = getattr(roleplayer, "world", None)  # the toy preset's scripted world, which knows what matters
+        if world is not None:  # do the questions ask about what matters for the task?
+            hits = [h for c in r["convs"] for h in world.hits(c["messages"], by_pair[(c["task_id"], c["persona_id"])]["task"])]
             m["diagnostics"]["attribute_hit_rate"] = sum(hits) / max(1, len(hits))
+        dialogues = {(c["task_id"], c["persona_id"]): c["messages"] for c in r["convs"] if c["conv_id"] == 0}
+        m["answers"] = answer_diagnostics(r["answers"], dialogues, by_pair, world)
+        if t > 0:
+            m["answers_m0"] = answer_diagnostics(r["answers_m0"], dialogues, by_pair, world)
         if t > 0:
             m["gain_over_m0"] = paired(means, mean_of, args.n_bootstrap)
             m["win_rate"] = win_rate(judged(out / f"m{t}", "judgments.jsonl", r["answers"], results[0]["answers"]),

@@ -69,6 +69,10 @@ def fmt(value, digits=1):
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def pct(value):
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
 def fmt_ci(ci, digits=1):
     return "-" if ci[0] is None else f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
 
@@ -124,23 +128,44 @@ def write_report(folder: Path, metrics: dict, ablations: dict[str, dict]):
         lines += ["", "Toy world: share of Questioner turns that ask about an attribute the task depends on: "
                   + ", ".join(f"m{t} {fmt(metrics['models'][f'm{t}']['diagnostics']['attribute_hit_rate'], 2)}"
                               for t in models) + "."]
+    lines += ["", "## Final answers (diagnostics)", "",
+              "What each model's final answer after conversation 0 is: no answer at all (a question, a refusal, "
+              "empty)" + (", and in the toy world: the share of the values the user told that it names, and the "
+              "share of the task's attributes for which it names a value the user never told (a guess)."
+              if "revealed_used" in metrics["models"]["m0"].get("answers", {}) else "."), "",
+              "| model | no answer | question / refusal / empty | revealed values used | values never told "
+              "| m0 answering after m_t's conversation: no answer, used, never told |", "|---|---|---|---|---|---|"]
+    for t in models:
+        m = metrics["models"][f"m{t}"]
+        a, b = m.get("answers"), m.get("answers_m0")
+        if a is None:
+            continue
+        kinds = " / ".join(fmt(100 * a[f"no_answer_{k}"], 0) + "%" for k in ("question", "refusal", "empty"))
+        other = "-" if b is None else (f"{fmt(100 * b['no_answer'], 0)}%, {pct(b.get('revealed_used'))}, "
+                                       f"{pct(b.get('hallucinated'))}")
+        lines.append(f"| m{t} | {fmt(100 * a['no_answer'], 0)}% | {kinds} | {pct(a.get('revealed_used'))} "
+                     f"| {pct(a.get('hallucinated'))} | {other} |")
     if ablations:
         # Each ablation beside this run: its win rate and its gold log-prob gain against the same m0.
         later = [f"m{t}" for t in models[1:]]
         lines += ["", "## Ablations (against the same m0)", "",
-                  "| run | " + " | ".join(f"{m} win rate %" for m in later) + " | "
-                  + " | ".join(f"{m} - m0 log-prob, 95% CI" for m in later) + " | *paper win rate* |",
-                  "|---|" + "---|" * (2 * len(later)) + "---|"]
+                  "| run | " + " | ".join(f"{m} win rate % [95% CI]" for m in later) + " | "
+                  + " | ".join(f"{m} - m0 log-prob, 95% CI" for m in later) + " | "
+                  + " | ".join(f"{m} no answer / values never told" for m in later) + " | *paper win rate* |",
+                  "|---|" + "---|" * (3 * len(later)) + "---|"]
         runs = {Path(metrics["run_dir"]).name: dict(metrics, target="own"), **ablations}
         for name, other in runs.items():
             target = other.get("target", name)
             found = [other["models"].get(m, {}) for m in later]
-            wins = [fmt(m.get("win_rate", {}).get("win_rate")) for m in found]
+            wins = [f"{fmt(m['win_rate']['win_rate'])} {fmt_ci(m['win_rate']['ci95'])}" if "win_rate" in m else "-"
+                    for m in found]
+            answers = [f"{pct(m['answers']['no_answer'])} / {pct(m['answers'].get('hallucinated'))}"
+                       if "answers" in m else "-" for m in found]
             gains = [f"{fmt(m['gain_over_m0']['mean'], 2)} {fmt_ci(m['gain_over_m0']['ci95'], 2)}"
                      if "gain_over_m0" in m else "-" for m in found]
             rates = PAPER["win_rate"] if target == "own" else PAPER["ablations"].get(target, {})
             paper = ", ".join(fmt(rates.get(t)) for t in models[1:])
-            lines.append(f"| {name} (target {target}) | " + " | ".join(wins + gains) + f" | *{paper}* |")
+            lines.append(f"| {name} (target {target}) | " + " | ".join(wins + gains + answers) + f" | *{paper}* |")
     lines += ["", "![win rate](winrate.png)", "", "![gold log-prob](logprob.png)", ""]
     (folder / "report.md").write_text("\n".join(lines))
     plot(folder, metrics, models)
@@ -183,3 +208,81 @@ def plot(folder: Path, metrics: dict, models: list[int]):
 def load_metrics(run_dir) -> dict | None:
     path = Path(run_dir) / "eval" / "metrics.json"
     return json.loads(path.read_text()) if path.exists() else None
+
+
+# --- Results tables for the README, generated from runs' metrics.json -----------------------------------
+
+TABLE_BEGIN, TABLE_END = "<!-- results table: begin -->", "<!-- results table: end -->"
+
+
+def results_table(runs: list[str]) -> str:
+    """Markdown tables of evaluated runs (one per seed, say): the method's models, then its ablations (the
+    folders <run>-gold and <run>-none, where evaluated), each cell from the run's metrics.json, stamped with
+    the commit and machine the numbers came from."""
+    found = [(run, load_metrics(run)) for run in runs]
+    missing = [run for run, m in found if m is None]
+    if missing:
+        raise SystemExit(f"error: {missing[0]}/eval/metrics.json: file not found; run 05_eval.py (run_all.sh) first")
+    lines = ["| run | seed | model | win rate vs m0 % [95% CI] | wins / ties / losses | m_t asks, m0 answers % "
+             "| gold log-prob m_t - m0 [95% CI] | questions (about a relevant attribute) | no answer "
+             "| revealed values used | values never told |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    ablation_lines = []
+    for run, metrics in found:
+        for name, m in sorted(metrics["models"].items()):
+            q, a = m["diagnostics"], m.get("answers", {})
+            w, asks, gain = m.get("win_rate"), m.get("asks_only"), m.get("gain_over_m0")
+            relevant = f" ({pct(q['attribute_hit_rate'])})" if "attribute_hit_rate" in q else ""
+            tally = f"{w['wins']} / {w['ties']} / {w['losses']}" if w else "-"
+            lines.append(
+                f"| {run} | {metrics.get('seed', '-')} | {name} "
+                f"| {fmt(w['win_rate']) + ' ' + fmt_ci(w['ci95']) if w else '-'} "
+                f"| {tally} "
+                f"| {fmt(asks['win_rate']) if asks else '-'} "
+                f"| {fmt(gain['mean'], 2) + ' ' + fmt_ci(gain['ci95'], 2) if gain else '-'} "
+                f"| {pct(q['question_rate'])}{relevant} | {pct(a.get('no_answer'))} | {pct(a.get('revealed_used'))} "
+                f"| {pct(a.get('hallucinated'))} |")
+        for target in ("gold", "none"):
+            other = load_metrics(f"{run}-{target}")
+            if other is None:
+                continue
+            for name, m in sorted(other["models"].items()):
+                if name == "m0":
+                    continue
+                a, w, gain = m.get("answers", {}), m["win_rate"], m["gain_over_m0"]
+                ablation_lines.append(
+                    f"| {run}-{target} | {other.get('seed', '-')} | {target} | {name} | {fmt(w['win_rate'])} "
+                    f"{fmt_ci(w['ci95'])} | {fmt(gain['mean'], 2)} {fmt_ci(gain['ci95'], 2)} "
+                    f"| {pct(a.get('no_answer'))} | {pct(a.get('hallucinated'))} "
+                    f"| *{fmt(PAPER['ablations'][target].get(int(name[1:])))}* |")
+    if ablation_lines:
+        lines += ["", "| run | seed | trained on | model | win rate vs m0 % [95% CI] | gold log-prob m_t - m0 [95% CI] "
+                  "| no answer | values never told | *paper win rate* |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += ablation_lines
+    stamps = sorted({(m["provenance"]["commit"] + ("+changes" if m["provenance"]["uncommitted_changes"] else ""),
+                      m["provenance"]["machine"], m["provenance"]["date"]) for _, m in found if "provenance" in m})
+    lines += ["", "Generated by `python report.py " + " ".join(runs) + "` from the runs' metrics.json; "
+              + "; ".join(f"commit {c}, {machine}, {date}" for c, machine, date in stamps) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Results tables (markdown) from evaluated runs' metrics.json.")
+    parser.add_argument("runs", nargs="+", help="run folders, e.g. runs/toy runs/toy-seed1 runs/toy-seed2")
+    parser.add_argument("--readme", default="", help=f"write the tables into this file between {TABLE_BEGIN} "
+                                                     f"and {TABLE_END} instead of printing them")
+    args = parser.parse_args()
+    table = results_table(args.runs)
+    if not args.readme:
+        print(table, end="")
+        return
+    text = Path(args.readme).read_text()
+    if TABLE_BEGIN not in text or TABLE_END not in text:
+        raise SystemExit(f"error: {args.readme}: no {TABLE_BEGIN} ... {TABLE_END} block to write the tables into")
+    head, rest = text.split(TABLE_BEGIN, 1)
+    Path(args.readme).write_text(head + TABLE_BEGIN + "\n" + table + TABLE_END + rest.split(TABLE_END, 1)[1])
+
+
+if __name__ == "__main__":
+    main()

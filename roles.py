@@ -166,6 +166,20 @@ def gold_problem(text: str) -> str | None:
     return None
 
 
+def answer_problem(text: str) -> str | None:
+    """'empty', 'refusal' or 'question' when a final answer is no answer at all; None when it is one.
+
+    A question: the answer asks the user something (it has a question mark) instead of only answering;
+    small models often reply to "now please answer" with another question ("What's your budget?") or with
+    "What's your next question?". The toy Judge lets such an answer lose to any real one; 05 counts them.
+    """
+    if not text.strip():
+        return "empty"
+    if REFUSAL.search(text):
+        return "refusal"
+    return "question" if "?" in text else None
+
+
 # "Verdict: A", "**Verdict**: b", "Verdict: (A)", "Verdict: Response B"; not "Verdict: a tie" or "Both".
 VERDICT = re.compile(r"verdict[\s*:\-]*\(?\s*(?:response\s+)?([AB])(?![A-Za-z])(?!\s+(?:tie|and|or)\b)",
                      re.IGNORECASE)

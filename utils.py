@@ -66,6 +66,33 @@ def stable_hash(*parts) -> int:
     return int(digest[:8], 16)
 
 
+def provenance() -> dict:
+    """Where a result comes from: the code's commit (and whether the tree had uncommitted changes), the
+    machine and the library versions; 05_eval.py writes it into metrics.json, and results tables cite it."""
+    import platform
+    import subprocess
+
+    root = Path(__file__).resolve().parent
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").is_file():
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"commit": git("rev-parse", "--short=10", "HEAD") or "unknown",
+            "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "machine": f"{cpu}, {os.cpu_count()} cores" + (f", {gpu}" if gpu else ""),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d", time.gmtime())}
+
+
 def record_args(path: Path, args):
     """Write the arguments a step ran with beside its outputs (args_<step>.json)."""
     write_json_atomic(path, dataclasses.asdict(args))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -82,20 +83,60 @@ def test_roleplayer_reveals_the_attribute_a_question_asks_about(world, bio, ques
         assert reply.lower() == sentence.lower() + "."
 
 
-def test_judge_prefers_the_answer_that_uses_what_matters_and_ties_by_order(world, bio):
+def judge_outcome(world, bio, new, old):
+    """pair_outcome of the scripted Judge on two answers, judged in both orders (as 05_eval.py does)."""
+    verdicts = [parse_verdict(ask(world, (roles.JUDGE_SYSTEM, JUDGE_PROMPT.format(bio=bio, task=TASK, a=a, b=b)))[0])
+                for a, b in ((new, old), (old, new))]
+    return pair_outcome(*verdicts)
+
+
+def other_value(world, bio, attribute):
+    return next(k for k in world.world.sentences[attribute] if k != world.world.persona(bio)[attribute])
+
+
+def test_toy_judge_rewards_right_values_and_punishes_wrong_ones_and_non_answers(world, bio):
     values = world.world.persona(bio)
     good = f"A {values['diet']} dish in the {values['cuisine']} style."
     half = f"A {values['diet']} dish."
     none = "A nice dish."
+    wrong = f"A {other_value(world, bio, 'diet')} dish."
+    mixed = f"A {values['cuisine']} dish, {other_value(world, bio, 'diet')}."  # one right, one wrong: 0
+    assert judge_outcome(world, bio, good, none) == 1.0 and judge_outcome(world, bio, half, good) == 0.0
+    assert judge_outcome(world, bio, half, none) == 1.0  # a correct value beats none
+    assert judge_outcome(world, bio, wrong, none) == 0.0  # a value the user never had loses to none
+    assert judge_outcome(world, bio, mixed, none) == 0.5
+    assert judge_outcome(world, bio, f"Irrelevant: {values['city']}.", none) == 0.5  # only the task's attributes count
+    for non_answer in (f"Are you {values['diet']}?", "What's your next question?", "I'm sorry, I cannot help.", ""):
+        assert judge_outcome(world, bio, non_answer, wrong) == 0.0  # no answer loses even to a wrong one
+        assert judge_outcome(world, bio, wrong, non_answer) == 1.0
+    assert judge_outcome(world, bio, "What's your budget?", "") == 0.5  # two non-answers tie
+    assert judge_outcome(world, bio, none, "Another dish.") == 0.5  # equal scores: the orders disagree, a tie
 
-    def outcome(new, old):
-        verdicts = [parse_verdict(ask(world, (roles.JUDGE_SYSTEM, JUDGE_PROMPT.format(bio=bio, task=TASK, a=a, b=b)))[0])
-                    for a, b in ((new, old), (old, new))]
-        return pair_outcome(*verdicts)
 
-    assert outcome(good, none) == 1.0 and outcome(half, good) == 0.0
-    assert outcome(good, half) == 1.0
-    assert outcome(none, "Another dish.") == 0.5  # equal fit: the orders disagree, a tie, never unparseable
+def test_answer_use_counts_told_used_and_hallucinated_values(world, bio):
+    values = world.world.persona(bio)
+    said = world.world.sentences["diet"][values["diet"]]
+    conversation = [{"role": "assistant", "content": "Any dietary restrictions?"}, {"role": "user", "content": said + "."},
+                    {"role": "assistant", "content": "Where do you live?"},
+                    {"role": "user", "content": world.world.sentences["city"][values["city"]] + "."}]
+    assert world.world.told(conversation) == {"diet": values["diet"], "city": values["city"]}
+    use = world.world.answer_use
+    assert use(f"A {values['diet']} dish.", conversation, TASK) == {"attributes": 2, "told": 1, "used": 1,
+                                                                    "hallucinated": 0}
+    # Naming the cuisine, which the user never told, is a guess, right or wrong.
+    for cuisine in world.world.sentences["cuisine"]:
+        assert use(f"A {values['diet']} {cuisine} dish.", conversation, TASK)["hallucinated"] == 1
+    assert use(f"A {other_value(world, bio, 'diet')} dish.", conversation, TASK) == {
+        "attributes": 2, "told": 1, "used": 0, "hallucinated": 1}
+    assert use("A nice dish.", [], TASK) == {"attributes": 2, "told": 0, "used": 0, "hallucinated": 0}
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("", "empty"), ("  ", "empty"), ("I'm sorry, I can't do that.", "refusal"), ("What is your budget?", "question"),
+    ("I'm glad I could help. What's your next question?", "question"), ("Try a vegan curry tonight.", None),
+    ("Since you mentioned jazz, I suggest a small club", None)])
+def test_answer_problem_names_what_is_no_answer(text, problem):
+    assert roles.answer_problem(text) == problem
 
 
 def test_hits_count_questions_about_relevant_attributes(world):
@@ -135,3 +176,37 @@ def test_toy_data_step_with_the_scripted_oracle(tmp_path, model_cache):
     gold = read_jsonl(run / "data" / "gold.jsonl", "gold")
     assert len(gold) == 2 * 2 + 2 * 2 + 2 * 3 and not any(g["flag"] for g in gold)
     assert "0 of 14 gold responses flagged" in done.stdout
+
+
+def test_toy_evaluation_judges_answers_and_reports_what_they_used(tmp_path, model_cache, trained):
+    """05_eval.py in the toy world (scripted Roleplayer and Judge), with conftest's adapter as m1: every test
+    pair is judged in both orders by the toy Judge, and metrics.json and the report carry the answers' use
+    of what was revealed."""
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    cache.mkdir()
+    (cache / "SmolLM2-135M-Instruct").symlink_to((model_cache / "SmolLM2-135M-Instruct").resolve())
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    common = ["--run_dir", str(run), "--cache_dir", str(cache), "--dtype", "float32"]
+    done = subprocess.run([sys.executable, "01_generate.py", *common, "--tasks", "data/toy/tasks.jsonl",
+                           "--oracle", "scripted:data/toy", "--n_tasks", "0", "0", "2", "--n_personas", "0", "0", "2"],
+                          cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    shutil.copytree(trained[0] / "adapter", run / "iter0" / "adapter")
+    done = subprocess.run([sys.executable, "05_eval.py", *common, "--iterations", "1", "--questioner", "embedded",
+                           "--roleplayer", "scripted:data/toy", "--judge", "scripted:data/toy", "--n_conversations", "1",
+                           "--test_pairs", "4", "--question_max_tokens", "12", "--final_max_tokens", "16"],
+                          cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    m1 = metrics["models"]["m1"]
+    assert m1["win_rate"]["n"] == 4 and m1["win_rate"]["unparseable"] == 0
+    judgments = read_jsonl(run / "eval" / "m1" / "judgments.jsonl", "judgment")
+    assert len(judgments) == 8 and all(j["output"].startswith("Response A scores") for j in judgments)
+    for name in ("m0", "m1"):
+        answers = metrics["models"][name]["answers"]
+        assert 0 <= answers["no_answer"] <= 1 and 0 <= answers["hallucinated"] <= 1
+        assert answers["no_answer"] == pytest.approx(sum(answers[f"no_answer_{k}"] for k in ("question", "refusal", "empty")))
+        assert "revealed_used" in answers
+    assert "answers_m0" in m1 and metrics["provenance"]["commit"]
+    report = (run / "eval" / "report.md").read_text()
+    assert "## Final answers" in report and "values never told" in report
