@@ -1,0 +1,150 @@
+"""The toy preset's Q_BASE: the embedded model, warmed up once on answering with what the user told it.
+
+NOT a STaR-GATE step and NOT the paper's setting. The paper's base model (Mistral-7B-Instruct) answers with
+what a user said; the embedded 135M model does not: told two of a toy task's values outright, it names about
+1% of them and 90% of its final answers are another question or a refusal (bench/answer_use.py). Then better
+questions cannot make better answers, and a learner watching the toy world would see nothing. This script
+gives the embedded model that one ability, before any STaR-GATE iteration; the toy preset uses the result as
+its Q_BASE (the Questioner m0, the scorer, the base of every adapter).
+
+Reads   <world>/world.json and <world>/warmup_tasks.jsonl: tasks written for the warm-up, none of them in
+        <world>/tasks.jsonl (so none in any split of a run), each with a plain suggestion for it.
+Writes  <out>/            the warmed-up model, merged (safetensors + tokenizer): the spec `hf:<out>`
+        <out>/warmup.json how it was made (settings, data counts)
+        <out>.build/      its training records (iter0/sft.jsonl) and 04_train.py's log
+
+The data: on each warm-up task, the embedded model converses with the scripted Roleplayer as in 02 (1 to 3
+turns, its questions sampled), and the conversation ends with the answer to learn: it names the values the
+user told, every one and no other, then gives the task's suggestion; with nothing told it stays general. Its
+wording is its own, not the Oracle's gold answer's. Trained by 04_train.py itself (LoRA), then merged.
+
+The loss covers the final answer AND the model's own questions, exactly as it asked them. Trained on the
+answers alone, the model answered everywhere: it asked in 0% of its turns instead of 85% (measured). Its own
+questions, unselected, anchor its asking where it was, as STaR-GATE's response regularisation anchors its
+answers: no question is chosen for being good, so the warm-up teaches nothing about what to ask (the
+question rates before and after are in docs/EXPERIMENTS.md).
+
+    python toy_base.py --out cache/toy-base
+"""
+
+import os
+import random
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from models import ModelPool, load_local
+from roles import answer_view, questioner_view, simulate
+from scripted import mentions
+from utils import StepError, parse_args, read_jsonl, run_main, seed_everything, write_json_atomic, write_jsonl_atomic
+
+# The final answers of the warm-up: a short list of what the user told, then the task's suggestion.
+TOLD_ANSWERS = ["Keeping in mind what you told me ({values}), I suggest {suggestion}.",
+                "Based on what you said ({values}), my advice is {suggestion}.",
+                "Since you mentioned {values}, I would recommend {suggestion}."]
+GENERAL_ANSWERS = ["I suggest {suggestion}.", "My advice is {suggestion}.", "I would recommend {suggestion}."]
+ROOT = Path(__file__).resolve().parent
+
+
+@dataclass
+class Args:
+    out: str = field(default="cache/toy-base", metadata={"help": "folder of the warmed-up model (spec hf:<out>)"})
+    world: str = field(default="data/toy", metadata={"help": "the toy world folder (world.json, warmup_tasks.jsonl)"})
+    dialogues_per_task: int = field(default=3, metadata={"help": "simulated dialogues per warm-up task"})
+    question_max_tokens: int = field(default=24, metadata={"help": "token cap of a question (the toy preset's)"})
+    epochs: float = field(default=2.0, metadata={"help": "passes over the warm-up records"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "LoRA learning rate"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    seed: int = field(default=0, metadata={"help": "seeds the dialogues and the training"})
+    cache_dir: str = field(default="cache", metadata={"help": "where the embedded model is cached"})
+    dtype: str = field(default="auto", metadata={
+        "help": "training computes in: auto (bfloat16 on a CPU with native bf16 matmuls or a GPU, else float32), "
+                "bfloat16, float32 (the merged model is saved in float32)", "choices": ["auto", "bfloat16", "float32"]})
+
+
+def warmup_answer(values: list[str], suggestion: str, rng: random.Random) -> str:
+    """The answer the warm-up teaches: every value the user told (their keywords), then the suggestion."""
+    if values:
+        listed = values[0] if len(values) == 1 else f"{', '.join(values[:-1])} and {values[-1]}"
+        return rng.choice(TOLD_ANSWERS).format(values=listed, suggestion=suggestion)
+    return rng.choice(GENERAL_ANSWERS).format(suggestion=suggestion)
+
+
+def warmup_records(questioner, world_chat, tasks: list[dict], per_task: int, question_max_tokens: int, seed: int):
+    """04_train.py's records (sft.jsonl) of the warm-up, one per simulated dialogue: the embedded model asks
+    (sampled as in 02_simulate.py, 1 to 3 turns) and the scripted Roleplayer answers; then the answer that
+    names what the user told. Trained on: the final answer, and the model's own questions as it asked them.
+    Also returns how many dialogues revealed 0, 1 and 2 of their task's relevant values."""
+    rng = random.Random(seed)
+    names = [n.strip() for n in (ROOT / "data" / "names.txt").read_text().splitlines() if n.strip()]
+    items = []
+    for task in tasks:
+        for _ in range(per_task):
+            name = rng.choice(names)
+            items.append({"name": name, "bio": world_chat.world.bio(name, rng), "task": task["text"],
+                          "n_turns": rng.randint(1, 3), "suggestion": task["suggestion"]})
+    gen = {"questioner": dict(max_new_tokens=question_max_tokens, temperature=0.9, top_p=0.9, batch_size=32),
+           "roleplayer": dict(max_new_tokens=96, temperature=0.0, top_p=1.0, batch_size=32)}  # as in 02
+    dialogues, _ = simulate(questioner, world_chat, items, gen, seed=seed)
+    records, revealed = [], [0, 0, 0]
+    fixed = len(questioner_view("", "", []))  # instructions, worked example, request: never trained on
+    for n, (item, dialogue) in enumerate(zip(items, dialogues)):
+        told = world_chat.world.told(dialogue)
+        revealed[sum(a in told for a in world_chat.world.relevant(item["task"]))] += 1
+        said = [m["content"] for m in dialogue if m["role"] == "user"]
+        values = sorted(told.values(), key=lambda k: next(i for i, text in enumerate(said) if mentions(text, k)))
+        messages = answer_view(item["name"], item["task"], dialogue)
+        messages.append({"role": "assistant", "content": warmup_answer(values, item["suggestion"], rng)})
+        records.append({"task_id": f"w{n:04d}", "persona_id": "toy", "conv_id": 0, "iteration": 0,
+                        "messages": [dict(m, train=i >= fixed and m["role"] == "assistant")
+                                     for i, m in enumerate(messages)]})
+    return records, revealed
+
+
+def main():
+    args = parse_args(Args)
+    seed_everything(args.seed)
+    out, build = Path(args.out), Path(f"{args.out}.build")
+    if (out / "config.json").exists():
+        print(f"toy_base: {out} exists; nothing to do")
+        return
+    tasks = read_jsonl(Path(args.world) / "warmup_tasks.jsonl")
+    toy_tasks = {t["text"] for t in read_jsonl(Path(args.world) / "tasks.jsonl")}
+    if any(t["text"] in toy_tasks for t in tasks):
+        raise StepError(f"{args.world}/warmup_tasks.jsonl shares a task with tasks.jsonl; the warm-up must not "
+                        "see a task that a run can test on")
+
+    # The warm-up records: the embedded model's own dialogues, then the answer that uses what they revealed.
+    pool = ModelPool(args.cache_dir, "no", dtype=args.dtype)
+    records, revealed = warmup_records(pool.chat("embedded"), pool.chat(f"scripted:{args.world}"), tasks,
+                                       args.dialogues_per_task, args.question_max_tokens, args.seed)
+    write_jsonl_atomic(build / "iter0" / "sft.jsonl", records)
+
+    # Train a LoRA adapter on them with 04_train.py (the same code as every STaR-GATE iteration).
+    command = [sys.executable, str(ROOT / "04_train.py"), "--run_dir", str(build), "--iteration", "0", "--questioner", "embedded",
+               "--cache_dir", args.cache_dir, "--dtype", args.dtype, "--learning_rate", str(args.learning_rate),
+               "--epochs", str(args.epochs), "--batch_size", "1", "--grad_accum", "4", "--lora_r", str(args.lora_r),
+               "--lora_dropout", "0", "--no_gradient_checkpointing", "--load_in_4bit", "no", "--seed", str(args.seed)]
+    if subprocess.run(command).returncode != 0:
+        raise StepError("toy_base: 04_train.py failed on the warm-up records (its error is above)")
+
+    # Merge the adapter into float32 weights and save the model where the preset's spec points.
+    from peft import PeftModel
+
+    model, tokenizer = load_local("embedded", args.cache_dir, "no", False, "float32")
+    merged = PeftModel.from_pretrained(model, str(build / "iter0" / "adapter")).merge_and_unload()
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    merged.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    write_json_atomic(tmp / "warmup.json", {"args": asdict(args), "records": len(records), "tasks": len(tasks),
+                                            "revealed_0_1_2": revealed, "from": "embedded",
+                                            "trained_on": "final answers only"})
+    os.replace(tmp, out)  # atomic: its presence means the model is complete
+    print(f"toy_base: {len(records)} warm-up records over {len(tasks)} tasks (revealing 0 / 1 / 2 relevant values: "
+          f"{' / '.join(map(str, revealed))}); "
+          f"the warmed-up model is {out} (spec hf:{out})")
+
+
+if __name__ == "__main__":
+    run_main(main)
