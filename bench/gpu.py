@@ -35,6 +35,7 @@ sizes (TINY), and memory is not measured.
 import argparse
 import dataclasses
 import importlib
+import importlib.util
 import json
 import sys
 import time
@@ -171,6 +172,7 @@ def bench_model(label, lm: LocalLM, p, quantized: bool, config, device) -> list[
     shape = Shape.of(config, quantized)
     plan_preset = dataclasses.replace(p, quantized=quantized)
     calls = {c["step"]: c for c in heavy_calls(p, lm.tokenizer)}
+    lm.generate(calls[MEASURED[0]]["prompts"][:1], max_new_tokens=2)  # warm-up: kernels load, caches fill
     results = []
     for name in MEASURED:
         call = calls[name]

@@ -42,7 +42,6 @@ with rows x tokens the call's batch and its longest sequence:
 """
 
 import argparse
-import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -62,12 +61,13 @@ GIB = 2 ** 30
 TARGET_GIB = 12  # the laptop preset's target: fits a 16 GB consumer card with room to spare
 
 # The models of the presets, as (transformers model type, config keyword arguments).
+SMOL, MISTRAL, MIXTRAL = "SmolLM2-135M-Instruct", "Mistral-7B-Instruct-v0.2", "Mixtral-8x7B-Instruct-v0.1"
 MODELS = {
-    "SmolLM2-135M-Instruct": ("llama", dict(  # the embedded model's config.json (cache/SmolLM2-135M-Instruct)
+    SMOL: ("llama", dict(  # the embedded model's config.json (cache/SmolLM2-135M-Instruct)
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
         num_key_value_heads=3, max_position_embeddings=8192, tie_word_embeddings=True)),
-    "Mistral-7B-Instruct-v0.2": ("mistral", MISTRAL_7B_INSTRUCT_V02),
-    "Mixtral-8x7B-Instruct-v0.1": ("mixtral", dict(  # its config.json
+    MISTRAL: ("mistral", MISTRAL_7B_INSTRUCT_V02),
+    MIXTRAL: ("mixtral", dict(  # its config.json
         vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768,
         rope_theta=1e6, sliding_window=None, tie_word_embeddings=False)),
@@ -80,9 +80,10 @@ class Preset:
     questioner: str
     roleplayer: str | None = None  # a second local model, held beside the Questioner in 02 and 05
     quantized: bool = True  # 4-bit NF4 (--load_in_4bit yes, or auto on a GPU)
-    local_oracle: bool = True  # 01's Oracle and 05's Judge run on the Questioner's model (else an API or a script)
+    # Whether 01's Oracle, 05's Judge and the Roleplayer run on the Questioner's model (else an API or a script).
+    local_oracle: bool = True
     local_judge: bool = True
-    local_roleplayer: bool = True  # the Roleplayer generates (toy: scripted)
+    local_roleplayer: bool = True
     persona_max_tokens: int = 250  # 01
     gold_max_tokens: int = 300
     oracle_batch_size: int = 16
@@ -104,10 +105,9 @@ class Preset:
     eval_batch_size: int = 32
 
 
-# run_all.sh's presets (its flags over the steps' defaults; tests/test_memory_plan.py checks they agree).
+# run_all.sh's presets (its flags over the steps' defaults; tests/test_memory.py checks they agree).
 # tiny and toy run on a CPU: unquantized bf16 (--dtype auto there); laptop with a local Oracle and Judge
 # (no OPENAI_API_KEY), the heavier case.
-SMOL, MISTRAL, MIXTRAL = "SmolLM2-135M-Instruct", "Mistral-7B-Instruct-v0.2", "Mixtral-8x7B-Instruct-v0.1"
 PRESETS = {
     "tiny": Preset(SMOL, quantized=False, persona_max_tokens=120, gold_max_tokens=96, answer_max_tokens=48,
                    select_answer_max_tokens=96, train_batch_size=1, lora_r=8, lora_dropout=0.0,
@@ -120,7 +120,8 @@ PRESETS = {
 }
 
 # Bytes autograd saves per token in one decoder layer (see the module docstring): (A_F, A_D, A_0) by
-# (4-bit with bf16 autocast, LoRA dropout > 0).
+# (4-bit with bf16 autocast, LoRA dropout > 0). bf16 weights with dropout (no preset trains so) was not
+# counted: taken as without.
 SAVED_PER_TOKEN = {(True, True): (18.75, 34.8, 484), (True, False): (14.75, 22.8, 484),
                    (False, False): (17.5, 63.4, 484), (False, True): (17.5, 63.4, 484)}
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
@@ -140,7 +141,7 @@ def model_config(name_or_config):
 
 def skeleton(config, quantized: bool):
     """The model built on the meta device (no memory), its linear layers replaced as a 4-bit load replaces them."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
     from transformers.quantizers import AutoHfQuantizer
 
     with torch.device("meta"):

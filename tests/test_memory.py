@@ -12,9 +12,11 @@ from importlib import import_module
 from pathlib import Path
 
 import pytest
+import torch
 from mistral_standin import build_standin
 
 import models
+from utils import StepError
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
@@ -107,7 +109,7 @@ def test_the_4bit_model_built_directly_is_what_a_4bit_load_gives(tmp_path, model
 
     folder = build_standin(tmp_path / "standin", models.embedded_model_dir(model_cache))
     loaded, _ = models.load_local(f"hf:{folder}", model_cache, load_in_4bit="yes")
-    built = gpu.random_4bit_model(AutoConfig.from_pretrained(folder), models.torch.device("cpu"))
+    built = gpu.random_4bit_model(AutoConfig.from_pretrained(folder), torch.device("cpu"))
     assert {n: type(m) for n, m in built.named_modules()} == {n: type(m) for n, m in loaded.named_modules()}
     for (name, a), (_, b) in zip(built.named_parameters(), loaded.named_parameters(), strict=True):
         assert (type(a), a.dtype, a.shape) == (type(b), b.dtype, b.shape), name
@@ -137,10 +139,12 @@ def test_the_gpu_benchmark_runs_at_a_tiny_shape_on_the_cpu(tmp_path, model_cache
     assert "| model | call |" in done.stdout
 
 
-def test_the_gpu_benchmark_says_what_it_needs():
-    done = subprocess.run([sys.executable, "bench/gpu.py", "--out", "unused.json"], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
-    if models.torch.cuda.is_available():
+def test_the_gpu_benchmark_says_what_it_needs(monkeypatch, tmp_path):
+    import gpu
+
+    if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    assert done.returncode == 2 and "error: --shape 7b needs a CUDA GPU" in done.stderr
-    assert not (REPO / "unused.json").exists()
+    monkeypatch.setattr(sys, "argv", ["gpu.py", "--out", str(tmp_path / "r.json")])
+    with pytest.raises(StepError, match="--shape 7b needs a CUDA GPU"):  # printed as one error: line, exit 2
+        gpu.main()
+    assert not (tmp_path / "r.json").exists()
