@@ -412,8 +412,11 @@ def main():
     measured = {"tiny": "CPU RSS 2.4-2.8 GB (README)", "toy": "CPU RSS 3.1-3.5 GB (README)"}
     if args.measured:
         results = json.loads(Path(args.measured).read_text())
-        measured["laptop"] = ", ".join(f"{r['what']} {r['peak_allocated_gib']:.2f}" for r in results["rows"]
-                                       if r["model"].startswith("Mistral") and r.get("peak_allocated_gib"))
+        peaks = {}  # the Mistral-shaped model's highest measured peak per kind of call
+        for r in results["rows"]:
+            if r["model"].startswith("Mistral") and r.get("peak_allocated_gib"):
+                peaks[r["kind"]] = max(peaks.get(r["kind"], 0), r["peak_allocated_gib"])
+        measured["laptop"] = ", ".join(f"{kind} {peak:.2f} GiB" for kind, peak in peaks.items()) or "-"
     print(table(plans, measured))
     if args.detail:
         print()
