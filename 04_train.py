@@ -157,7 +157,9 @@ def main():
         gradient_accumulation_steps=args.grad_accum, learning_rate=args.learning_rate,
         lr_scheduler_type=args.lr_scheduler, warmup_steps=args.warmup_ratio, num_train_epochs=args.epochs,
         gradient_checkpointing=args.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
-        bf16=torch.cuda.is_available(), logging_steps=1, save_strategy="steps", save_steps=args.save_steps,
+        # On a machine without CUDA, use_cpu makes a multi-process launch (torchrun, accelerate launch --multi_gpu)
+        # one data-parallel run over gloo; without it each process trained alone on all the data.
+        bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(), logging_steps=1, save_strategy="steps", save_steps=args.save_steps,
         save_total_limit=1, report_to="none", seed=args.seed, remove_unused_columns=False)
     trainer = LabelledLossTrainer(model=model, args=training_args, train_dataset=dataset,
                                   data_collator=PadCollator(tokenizer.pad_token_id))

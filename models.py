@@ -248,9 +248,11 @@ def context_override() -> int | None:
 class LocalLM:
     """One loaded causal LM with any number of named LoRA adapters; shared by all roles that name it."""
 
-    def __init__(self, spec, cache_dir="cache", load_in_4bit="no", trust_remote_code=False, dtype="auto"):
+    def __init__(self, spec, cache_dir="cache", load_in_4bit="no", trust_remote_code=False, dtype="auto", loaded=None):
+        """loaded: a (model, tokenizer) pair already in memory, instead of loading the spec (bench/gpu.py's
+        Mistral-shaped model with random weights, quantized as load_local quantizes)."""
         self.spec = spec
-        self.model, self.tokenizer = load_local(spec, cache_dir, load_in_4bit, trust_remote_code, dtype)
+        self.model, self.tokenizer = loaded or load_local(spec, cache_dir, load_in_4bit, trust_remote_code, dtype)
         self.system_ok = template_accepts_system(self.tokenizer)
         eos = self.model.generation_config.eos_token_id  # e.g. Llama-3 and Gemma end turns with another token
         self.stop_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])

@@ -8,22 +8,13 @@ import json
 import pytest
 import torch
 from conftest import requires_cuda
+from mistral_standin import MISTRAL_V02_TEMPLATE
 from transformers import AutoTokenizer
 
 import decoding
 import models
 import roles
 from utils import StepError
-
-# Mistral-7B-Instruct-v0.2's chat template as released (tokenizer_config.json): no system role, strictly
-# alternating user/assistant turns, no generation prompt. Used to check the path for strict templates.
-MISTRAL_V02_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
-    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
-    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
-)
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
 PROMPTS = [
