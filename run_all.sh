@@ -9,13 +9,16 @@
 #   bash run_all.sh paper            # the paper's sizes and models
 #   bash run_all.sh tiny --ablations # also the paper's two ablations, in runs/<preset>-gold, -none
 #
-# RUN_DIR=... and CACHE_DIR=... override where outputs and caches go; DTYPE=float32 computes local models
-# in fp32 (default auto: bf16 on a GPU or on a CPU with native bf16 matmuls).
+# RUN_DIR=... and CACHE_DIR=... override where outputs and caches go; SEED=1 draws other splits, personas and
+# samples (default 0); DTYPE=float32 computes local models in fp32 (default auto: bf16 on a GPU or on a CPU
+# with native bf16 matmuls).
 set -euo pipefail
 cd "$(dirname "$0")"
 
 PRESET="${1:-tiny}"
 ABLATIONS="${2:-}"
+CACHE_DIR="${CACHE_DIR:-cache}"
+START=$SECONDS
 
 # --- Presets: every value that differs between them, in one place ---------------------------------
 case "$PRESET" in
@@ -40,13 +43,14 @@ case "$PRESET" in
   toy)     # a controlled world (data/toy, scripted.py) where the effect of good questions is known: the real
            # embedded Questioner, trained by the same steps, with a scripted Oracle, Roleplayer and Judge.
            # For seeing the mechanism work on a CPU in minutes; NOT the paper's setting.
-    QUESTIONER=embedded; ROLEPLAYER=scripted:data/toy; ORACLE=$ROLEPLAYER; JUDGE=$ROLEPLAYER
+           # Q_BASE is the embedded model warmed up once on answering with what the user told (toy_base.py).
+    QUESTIONER=hf:$CACHE_DIR/toy-base; ROLEPLAYER=scripted:data/toy; ORACLE=$ROLEPLAYER; JUDGE=$ROLEPLAYER
+    BASE_MODEL="python toy_base.py --out $CACHE_DIR/toy-base --cache_dir $CACHE_DIR --dtype ${DTYPE:-auto}"
     ITERATIONS=2; N_TASKS="24 24 24"; N_PERSONAS="3 3 5"; N=4; TOP_K=1; TEST_PAIRS=120; EVAL_N=2
-    ABLATION_TARGETS=none  # the no-regularisation ablation (questions only) beside the method
     GEN_FLAGS="--tasks data/toy/tasks.jsonl"
     SIM_FLAGS="--question_max_tokens 24"
     SELECT_FLAGS="--answer_max_tokens 40"
-    TRAIN_FLAGS="--learning_rate 1e-3 --epochs 3 --batch_size 1 --grad_accum 4 --lora_r 8 --lora_dropout 0 --no_gradient_checkpointing"
+    TRAIN_FLAGS="--learning_rate 1e-3 --epochs 2 --batch_size 1 --grad_accum 4 --lora_r 8 --lora_dropout 0 --no_gradient_checkpointing"
     EVAL_FLAGS="--question_max_tokens 24 --final_max_tokens 40"
     ;;
   laptop)  # Mistral-7B-Instruct-v0.2 in 4-bit as Questioner and Roleplayer (one shared copy);
@@ -72,8 +76,7 @@ esac
 EVAL_N="${EVAL_N:-$N}"  # test conversations per pair (the toy preset uses fewer than in training)
 ABLATION_TARGETS="${ABLATION_TARGETS:-gold none}"  # with --ablations: the paper's two, or the preset's choice
 RUN_DIR="${RUN_DIR:-runs/$PRESET}"
-CACHE_DIR="${CACHE_DIR:-cache}"
-COMMON="--cache_dir $CACHE_DIR --seed 0 --dtype ${DTYPE:-auto}"
+COMMON="--cache_dir $CACHE_DIR --seed ${SEED:-0} --dtype ${DTYPE:-auto}"
 
 run_method() {  # $1 = run folder, $2 = final message trained on (own | gold | none)
   local dir="$1" target="$2"
@@ -87,6 +90,10 @@ run_method() {  # $1 = run folder, $2 = final message trained on (own | gold | n
   done
 }
 
+if [ -n "${BASE_MODEL:-}" ]; then
+  echo "== $QUESTIONER: the preset's base model =="
+  $BASE_MODEL
+fi
 echo "== $RUN_DIR: data =="
 python 01_generate.py --run_dir "$RUN_DIR" --oracle "$ORACLE" --n_tasks $N_TASKS --n_personas $N_PERSONAS \
   $COMMON $GEN_FLAGS
@@ -120,4 +127,4 @@ if [ ${#EVAL_RUNS[@]} -gt 0 ]; then
   done
   evaluate "$RUN_DIR" --ablation_dirs "${EVAL_RUNS[@]}"  # everything cached: only the report is rewritten
 fi
-echo "Report: $RUN_DIR/eval/report.md (metrics: $RUN_DIR/eval/metrics.json)"
+echo "Report: $RUN_DIR/eval/report.md (metrics: $RUN_DIR/eval/metrics.json); $(((SECONDS - START) / 60)) min $(((SECONDS - START) % 60)) s"

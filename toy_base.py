@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from models import ModelPool, load_local
-from roles import answer_view, questioner_view, simulate
+from roles import answer_view, cut_at_question, questioner_view, roleplayer_view
 from scripted import mentions
 from utils import StepError, parse_args, read_jsonl, run_main, seed_everything, write_json_atomic, write_jsonl_atomic
 
@@ -72,33 +72,53 @@ def warmup_answer(values: list[str], suggestion: str, rng: random.Random) -> str
 
 
 def warmup_records(questioner, world_chat, tasks: list[dict], per_task: int, question_max_tokens: int, seed: int):
-    """04_train.py's records (sft.jsonl) of the warm-up, one per simulated dialogue: the embedded model asks
-    (sampled as in 02_simulate.py, 1 to 3 turns) and the scripted Roleplayer answers; then the answer that
-    names what the user told. Trained on: the final answer, and the model's own questions as it asked them.
-    Also returns how many dialogues revealed 0, 1 and 2 of their task's relevant values."""
+    """04_train.py's records (sft.jsonl) of the warm-up and how many dialogues revealed 0, 1 and 2 of their
+    task's relevant values.
+
+    Each dialogue (1 to 3 turns, in random order): questions from the world's examples about 2, 1, 0, 2, ... of
+    the task's relevant attributes (so that the answer has values to use), and one question the model asks
+    itself, sampled as in 02_simulate.py; the scripted Roleplayer answers each. Then the answer that names
+    what the user told. Trained on: the final answer and the model's own question; never the world's
+    example questions, the instructions or a user turn.
+    """
     rng = random.Random(seed)
     names = [n.strip() for n in (ROOT / "data" / "names.txt").read_text().splitlines() if n.strip()]
+    world = world_chat.world
     items = []
     for task in tasks:
-        for _ in range(per_task):
+        for k in range(per_task):
             name = rng.choice(names)
-            items.append({"name": name, "bio": world_chat.world.bio(name, rng), "task": task["text"],
-                          "n_turns": rng.randint(1, 3), "suggestion": task["suggestion"]})
-    gen = {"questioner": dict(max_new_tokens=question_max_tokens, temperature=0.9, top_p=0.9, batch_size=32),
-           "roleplayer": dict(max_new_tokens=96, temperature=0.0, top_p=1.0, batch_size=32)}  # as in 02
-    dialogues, _ = simulate(questioner, world_chat, items, gen, seed=seed)
+            turns = [rng.choice(world.attributes[a]["questions"]) for a in rng.sample(task["attributes"], 2 - k % 3)]
+            turns.insert(rng.randint(0, len(turns)), None)  # None: the model asks this one itself
+            items.append({"name": name, "bio": world.bio(name, rng), "task": task["text"], "turns": turns,
+                          "suggestion": task["suggestion"], "messages": []})
+    settings = dict(max_new_tokens=question_max_tokens, temperature=0.9, top_p=0.9, batch_size=32)  # as in 02
+    for turn in range(3):
+        active = [i for i in items if turn < len(i["turns"])]
+        own = [i for i in active if i["turns"][turn] is None]
+        asked = questioner.generate([questioner_view(i["name"], i["task"], i["messages"]) for i in own],
+                                    seed=seed + 1000 * turn, **settings)
+        for i, question in zip(own, asked):
+            i["messages"].append({"role": "assistant", "content": cut_at_question(question), "own": True})
+        for i in active:
+            if i["turns"][turn] is not None:
+                i["messages"].append({"role": "assistant", "content": i["turns"][turn], "own": False})
+        replies = world_chat.generate([roleplayer_view(i["bio"], i["task"], i["messages"]) for i in active])
+        for i, reply in zip(active, replies):
+            i["messages"].append({"role": "user", "content": reply})
     records, revealed = [], [0, 0, 0]
-    fixed = len(questioner_view("", "", []))  # instructions, worked example, request: never trained on
-    for n, (item, dialogue) in enumerate(zip(items, dialogues)):
-        told = world_chat.world.told(dialogue)
-        revealed[sum(a in told for a in world_chat.world.relevant(item["task"]))] += 1
+    for n, item in enumerate(items):
+        dialogue = [{"role": m["role"], "content": m["content"]} for m in item["messages"]]
+        told = world.told(dialogue)
+        revealed[sum(a in told for a in world.relevant(item["task"]))] += 1
         said = [m["content"] for m in dialogue if m["role"] == "user"]
-        values = sorted(told.values(), key=lambda k: next(i for i, text in enumerate(said) if mentions(text, k)))
-        messages = answer_view(item["name"], item["task"], dialogue)
-        messages.append({"role": "assistant", "content": warmup_answer(values, item["suggestion"], rng)})
+        values = sorted(told.values(), key=lambda k: next(j for j, text in enumerate(said) if mentions(text, k)))
+        # The answer view of the dialogue; only the model's own question is marked for training.
+        view = answer_view(item["name"], item["task"], item["messages"])
+        messages = [{"role": m["role"], "content": m["content"], "train": m.get("own", False)} for m in view]
+        messages.append({"role": "assistant", "content": warmup_answer(values, item["suggestion"], rng), "train": True})
         records.append({"task_id": f"w{n:04d}", "persona_id": "toy", "conv_id": 0, "iteration": 0,
-                        "messages": [dict(m, train=i >= fixed and m["role"] == "assistant")
-                                     for i, m in enumerate(messages)]})
+                        "messages": messages})
     return records, revealed
 
 
@@ -139,7 +159,7 @@ def main():
     tokenizer.save_pretrained(tmp)
     write_json_atomic(tmp / "warmup.json", {"args": asdict(args), "records": len(records), "tasks": len(tasks),
                                             "revealed_0_1_2": revealed, "from": "embedded",
-                                            "trained_on": "final answers only"})
+                                            "trained_on": "final answers and its own questions"})
     os.replace(tmp, out)  # atomic: its presence means the model is complete
     print(f"toy_base: {len(records)} warm-up records over {len(tasks)} tasks (revealing 0 / 1 / 2 relevant values: "
           f"{' / '.join(map(str, revealed))}); "
