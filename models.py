@@ -8,11 +8,13 @@ A model spec names where a role's model lives:
     scripted:<folder>     the toy preset's scripted Oracle, Roleplayer and Judge (scripted.py), not a model
 Roles that name the same local model share one loaded copy (a `ModelPool`), so a 7B Questioner and
 Roleplayer fit one GPU: LoRA adapters are attached by name and switched off for roles that need the base.
+How every step loads local models is one dataclass, `ModelSettings`, parsed beside each step's own Args.
 """
 
 import concurrent.futures
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -24,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from decoding import generate_batch, plan_prefill, score_batch
+from scripted import ScriptedChat
 from utils import StepError, append_jsonl, read_partial
 
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -33,6 +36,26 @@ MERGE_MAX_PARAMS = 1_000_000_000
 
 
 # --- Specs and loading ------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ModelSettings:
+    """How local models are loaded: the same flags in every step (parsed beside the step's own Args)."""
+
+    _argument_group_name = "model settings (the same in every step)"
+    cache_dir: str = dataclasses.field(default="cache", metadata={
+        "help": "where the embedded model is cached, and the Oracle's (01) and the Judge's (05) call caches"})
+    load_in_4bit: str = dataclasses.field(default="auto", metadata={
+        "help": "4-bit NF4 local models (04: the QLoRA base): auto (when CUDA is present), yes, no",
+        "choices": ["auto", "yes", "no"]})
+    dtype: str = dataclasses.field(default="auto", metadata={
+        "help": "weights of unquantized local models: auto (bfloat16 on a GPU or a CPU with native bf16 matmuls, "
+                "else float32), bfloat16, float32", "choices": ["auto", "bfloat16", "float32"]})
+    trust_remote_code: bool = dataclasses.field(default=False, metadata={
+        "help": "allow custom model code from the hub"})
+
+    def pool(self) -> "ModelPool":
+        return ModelPool(self.cache_dir, self.load_in_4bit, self.trust_remote_code, self.dtype)
+
 
 def parse_spec(spec: str):
     """'embedded' | 'hf:<id or path>' | 'openai:<model>[@<base url>]' | 'scripted:<folder>'
@@ -416,9 +439,7 @@ class ModelPool:
         kind, name, base_url = parse_spec(spec)
         if kind == "openai":
             model = OpenAIChat(name, base_url)
-        elif kind == "scripted":
-            from scripted import ScriptedChat  # the toy preset's roles; imports its sentence encoder lazily
-
+        elif kind == "scripted":  # the toy preset's roles; the sentence encoder loads on first use
             if spec not in self.loaded:
                 self.loaded[spec] = ScriptedChat(name)
             model = self.loaded[spec]

@@ -48,10 +48,10 @@ def peak_memory_gb() -> float:
     return peak / 1024 ** (3 if sys.platform == "darwin" else 2)
 
 
-def parse_args(args_class):
-    """Build the step's --help from its Args dataclass (each field's `help` metadata) and parse argv."""
-    (args,) = HfArgumentParser(args_class).parse_args_into_dataclasses()
-    return args
+def parse_args(*classes):
+    """Build the step's --help from its dataclasses (each field's `help` metadata) and parse argv into one of
+    each: the step's own Args, then the settings it shares with other steps (as TRL parses ModelConfig)."""
+    return HfArgumentParser(classes).parse_args_into_dataclasses()
 
 
 def seed_everything(seed: int):
@@ -66,9 +66,10 @@ def stable_hash(*parts) -> int:
     return int(digest[:8], 16)
 
 
-def record_args(path: Path, args):
-    """Write the arguments a step ran with beside its outputs (args_<step>.json)."""
-    write_json_atomic(path, dataclasses.asdict(args))
+def record_args(path: Path, *parts):
+    """Write the arguments a step ran with beside its outputs (args_<step>.json): every flag of its
+    dataclasses (parse_args) in one object, as a user would pass them."""
+    write_json_atomic(path, {k: v for part in parts for k, v in dataclasses.asdict(part).items()})
 
 
 # --- Record types -------------------------------------------------------------------------------------
@@ -257,11 +258,6 @@ def pending_chunks(items: list, keys: list, done: set, size: int, desc: str):
 
 
 # --- Run layout ---------------------------------------------------------------------------------------
-
-def split_of_iteration(t: int) -> str:
-    """Iterations alternate between the two training splits: A, B, A, ... (Sec. 4.2 of the paper)."""
-    return "A" if t % 2 == 0 else "B"
-
 
 def questioner_adapter(run_dir, t: int):
     """Q_t is Q_BASE plus the LoRA adapter 04_train.py wrote at iteration t-1 (none at t = 0).

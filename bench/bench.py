@@ -35,7 +35,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from models import LocalChat, LocalLM, ModelPool, encode_chat, encode_for_training, resolve_dtype  # noqa: E402
-from roles import answer_view, simulate  # noqa: E402
+from roles import answer_view  # noqa: E402
+
+simulate = importlib.import_module("02_simulate").simulate  # the dialogue loop of the steps
 
 
 def matmul_gflops(n=2048, repeats=8, dtype=torch.float32):
