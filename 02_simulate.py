@@ -103,11 +103,13 @@ def simulate(questioner, roleplayer, items, gen, seed):
 
 
 def simulate_pairs(questioner, roleplayer, pairs, sim: SimulationSettings, *, n_conversations: int, seed: int,
-                   batch_size: int, chunk_pairs: int, iteration: int, final: Path, tag: str) -> list[dict]:
+                   batch_size: int, chunk_pairs: int, iteration: int, final: Path, tag: str,
+                   desc: str | None = None) -> list[dict]:
     """N conversations for each pair (each pair carries its n_turns), saved chunk by chunk.
 
     A chunk's sampling seed depends only on (seed, tag, chunk index), so a resumed run regenerates a
     half-saved chunk exactly, and models evaluated with the same tag face the same random draws.
+    desc: the progress bar's label (default: "simulate <tag>").
     """
     gen = generation_settings(sim, batch_size)
     items = [p for p in pairs for _ in range(n_conversations)]
@@ -120,7 +122,7 @@ def simulate_pairs(questioner, roleplayer, pairs, sim: SimulationSettings, *, n_
                  "messages": d, "sampling": gen, "truncated": c}
                 for k, item, d, c in zip(chunk_keys, chunk, dialogues, cut)]
 
-    return resumable(final, "conversation", items, keys, chunk_pairs * n_conversations, f"simulate {tag}",
+    return resumable(final, "conversation", items, keys, chunk_pairs * n_conversations, desc or f"simulate {tag}",
                      make_records)
 
 

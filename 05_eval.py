@@ -127,7 +127,7 @@ def simulate_and_score(questioner, roleplayer, scorer, pairs, by_pair, args, sim
     faces the same random draws), and the gold log-prob of each. Returns (conversations, scores)."""
     convs = simulate_pairs(questioner, roleplayer, pairs, sim_args, n_conversations=args.n_conversations,
                            seed=args.seed, batch_size=args.batch_size, chunk_pairs=args.chunk_pairs, iteration=t,
-                           final=folder / "conversations.jsonl", tag="test")
+                           final=folder / "conversations.jsonl", tag="test", desc=f"m{t} conversations")
     fields = ("task_id", "persona_id", "conv_id", "iteration", "n_turns")
     scores = resumable(folder / "scores.jsonl", "score", convs, [record_key("conversation", c) for c in convs],
                        args.chunk_pairs * args.n_conversations, f"m{t} scores",

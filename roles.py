@@ -12,6 +12,7 @@ here, so the Roleplayer's "user" is the Questioner. The dialogue loop that uses 
 """
 
 import re
+import string
 
 QUESTIONER_SYSTEM = (
     "You are a helpful assistant. Before you answer a request, find out what the user wants by asking "
@@ -144,3 +145,15 @@ def parse_verdict(text: str) -> str | None:
     found = VERDICT.findall(text or "")
     return found[-1].upper() if found else None
 
+
+def unformat(template: str, text: str) -> dict | None:
+    """The inverse of template.format(**fields): the fields, or None when text was not made from it.
+    Lets a role played without a model (scripted.py, human.py) read what its prompt says."""
+    pattern, seen = "", set()
+    for literal, field, _, _ in string.Formatter().parse(template):
+        pattern += re.escape(literal)
+        if field is not None:
+            pattern += f"(?P={field})" if field in seen else f"(?P<{field}>.*?)"
+            seen.add(field)
+    found = re.fullmatch(pattern, text, re.DOTALL)
+    return found.groupdict() if found else None

@@ -23,6 +23,10 @@ class StepError(Exception):
     """A problem the user can fix (bad input, bad setting). Printed as one line, exit code 2."""
 
 
+class Stopped(Exception):
+    """A person playing a role ended their input (Ctrl-D): the step stops, keeping what it has saved."""
+
+
 def run_main(main):
     """Run a step's main(); turn a StepError into one clear line on stderr and a non-zero exit.
     A finished step prints its wall time and peak resident memory (what the README's numbers come from)."""
@@ -36,6 +40,10 @@ def run_main(main):
     except KeyboardInterrupt:
         print("interrupted: finished records are kept; run the same command again to resume", file=sys.stderr)
         sys.exit(130)
+    except Stopped as stop:
+        print(f"stopped at the {stop}: finished records are kept; run the same command again to go on",
+              file=sys.stderr)
+        sys.exit(1)
 
 
 def peak_memory_gb() -> float:

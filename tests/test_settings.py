@@ -60,11 +60,13 @@ def test_each_preset_simulates_and_loads_models_alike_in_every_step(tmp_path, pr
     simulation, loading = [], []
     for script, *argv in calls:
         step = script.removesuffix(".py")
-        _, *shared = parser(step).parse_args_into_dataclasses(args=argv)  # every flag known to the step
+        args, *shared = parser(step).parse_args_into_dataclasses(args=argv)  # every flag known to the step
         settings = {type(s): s for s in shared}
         loading.append(settings[ModelSettings])
         if SimulationSettings in settings:
             simulation.append((step, settings[SimulationSettings]))
+        # A person at the terminal is never a preset's role: a preset must run unattended.
+        assert "human" not in [getattr(args, role, None) for role in ("oracle", "questioner", "roleplayer", "judge")]
     assert {step for step, _ in simulation} == {"02_simulate", "05_eval"}
     assert all(s == simulation[0][1] for _, s in simulation), simulation  # evaluation simulates as training did
     assert all(m == loading[0] for m in loading), loading
