@@ -56,6 +56,7 @@ class ModelSettings:
         "help": "allow custom model code from the hub"})
 
     def pool(self) -> "ModelPool":
+        """The ModelPool that loads each role's local model with these settings."""
         return ModelPool(self.cache_dir, self.load_in_4bit, self.trust_remote_code, self.dtype)
 
 
