@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from models import ModelPool, truncated
+from models import ModelSettings, truncated
 from roles import ORACLE_GOLD_PROMPT, ORACLE_SYSTEM, PERSONA_PROMPT, gold_problem
 from utils import (StepError, parse_args, read_jsonl, record_args, run_main, seed_everything,
                    write_jsonl_atomic)
@@ -49,13 +49,6 @@ class Args:
     retry_temperature: float = field(default=0.7, metadata={"help": "sampling temperature of those retries"})
     seed: int = field(default=0, metadata={"help": "seeds the splits, names, examples and sampling"})
     batch_size: int = field(default=16, metadata={"help": "prompts per batch for a local Oracle"})
-    cache_dir: str = field(default="cache", metadata={"help": "model cache and Oracle call cache"})
-    load_in_4bit: str = field(default="auto", metadata={
-        "help": "4-bit NF4 local models: auto (when CUDA is present), yes, no", "choices": ["auto", "yes", "no"]})
-    dtype: str = field(default="auto", metadata={
-        "help": "weights of unquantized local models: auto (bfloat16 on a GPU or a CPU with native bf16 matmuls, "
-                "else float32), bfloat16, float32", "choices": ["auto", "bfloat16", "float32"]})
-    trust_remote_code: bool = field(default=False, metadata={"help": "allow custom model code from the hub"})
 
 
 def load_task_texts(source: str) -> list[str]:
@@ -86,7 +79,7 @@ def load_task_texts(source: str) -> list[str]:
 
 
 def main():
-    args = parse_args(Args)
+    args, model_args = parse_args(Args, ModelSettings)
     seed_everything(args.seed)
     out = Path(args.run_dir) / "data"
     if (out / "gold.jsonl").exists():
@@ -122,8 +115,7 @@ def main():
         persona_prompts.append([{"role": "system", "content": ORACLE_SYSTEM},
                                 {"role": "user", "content": PERSONA_PROMPT.format(examples=examples, name=name)}])
 
-    pool = ModelPool(args.cache_dir, args.load_in_4bit, args.trust_remote_code, args.dtype)
-    oracle = pool.chat(args.oracle, call_cache=Path(args.cache_dir) / "oracle_calls.jsonl")
+    oracle = model_args.pool().chat(args.oracle, call_cache=Path(model_args.cache_dir) / "oracle_calls.jsonl")
     persona_settings = dict(max_new_tokens=args.persona_max_tokens, temperature=args.persona_temperature,
                             top_p=1.0)
     bios = oracle.generate(persona_prompts, seed=args.seed, batch_size=args.batch_size,
@@ -171,7 +163,7 @@ def main():
     write_jsonl_atomic(out / "tasks.jsonl", tasks)
     write_jsonl_atomic(out / "personas.jsonl", personas)
     write_jsonl_atomic(out / "gold.jsonl", gold)
-    record_args(out / "args_01_generate.json", args)
+    record_args(out / "args_01_generate.json", args, model_args)
     counts = {s: (sum(t["split"] == s for t in tasks), sum(p["split"] == s for p in personas),
                   sum(g["split"] == s for g in gold)) for s in SPLITS}
     print(f"01_generate: wrote {out}: (tasks, personas, pairs) per split {json.dumps(counts)}; "

@@ -5,9 +5,16 @@ Writes  <run_dir>/iter{t}/scores.jsonl  the gold log-prob of EVERY conversation 
         <run_dir>/iter{t}/sft.jsonl     fine-tuning records: each kept conversation + a final answer,
                                         every message marked with whether it is trained on
 
-1. Score: the summed log-prob of the pair's gold response under the FIXED base model Q_BASE (never the
-   current model), in the context: user turn (name + task), the conversation, the task restated after
-   the last answer, then the gold response as the assistant turn.
+1. Score (the reward): the summed log-prob of the pair's gold response under the FIXED base model Q_BASE
+   (never the current model), as the assistant turn after the context the Questioner answers in,
+   roles.answer_view. That context is the WHOLE Questioner prompt, not only the dialogue (`gold_logprob`):
+     - the Questioner's instructions (roles.QUESTIONER_SYSTEM, with its example questions),
+     - the worked example of earlier chat turns (roles.QUESTIONER_EXAMPLES),
+     - the user's first turn: their first name and the task (roles.first_turn),
+     - the conversation, each Roleplayer answer that a question followed ending with the nudge
+       roles.NEXT_QUESTION,
+     - the task restated after the last answer (roles.FINAL_ANSWER_PROMPT), in the same user turn.
+   So an edit to any of these prompts changes every score, and with them which conversations are kept.
 2. Select: keep the top k of the N conversations of each pair (paper: k = 1, N = 10).
 3. Regularise: Q_t writes its own final answer (greedy) after each kept conversation, prompted to use
    what the user revealed, so training does not shift its answers away from its own (Sec. 3, Eq. 2).
@@ -17,13 +24,17 @@ Writes  <run_dir>/iter{t}/scores.jsonl  the gold log-prob of EVERY conversation 
     python 03_select.py --run_dir runs/tiny --iteration 0 --n_conversations 3
 """
 
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from models import ModelPool, truncated
+from models import ModelSettings, truncated
 from roles import answer_view, questioner_view
 from utils import (StepError, load_pairs, parse_args, questioner_adapter, read_jsonl, record_args, record_key,
-                   resumable, run_main, seed_everything, split_of_iteration)
+                   resumable, run_main, seed_everything)
+
+split_of_iteration = importlib.import_module("02_simulate").split_of_iteration  # the split 02 simulated
+
 
 @dataclass
 class Args:
@@ -39,13 +50,16 @@ class Args:
     seed: int = field(default=0, metadata={"help": "seed (answers are greedy; kept for the record)"})
     batch_size: int = field(default=16, metadata={"help": "sequences per scoring or generation batch"})
     chunk_size: int = field(default=64, metadata={"help": "records computed (and saved) together"})
-    cache_dir: str = field(default="cache", metadata={"help": "where the embedded model is cached"})
-    load_in_4bit: str = field(default="auto", metadata={
-        "help": "4-bit NF4 local models: auto (when CUDA is present), yes, no", "choices": ["auto", "yes", "no"]})
-    dtype: str = field(default="auto", metadata={
-        "help": "weights of unquantized local models: auto (bfloat16 on a GPU or a CPU with native bf16 matmuls, "
-                "else float32), bfloat16, float32", "choices": ["auto", "bfloat16", "float32"]})
-    trust_remote_code: bool = field(default=False, metadata={"help": "allow custom model code from the hub"})
+
+
+def gold_logprob(scorer, pairs: list[dict], dialogues: list[list[dict]], batch_size: int) -> list[tuple]:
+    """The reward of each conversation: log p_BASE(gold | the Questioner's whole prompt, the dialogue, the
+    task restated), summed over the gold response's tokens (Sec. 3, step 2; 05_eval.py scores test
+    conversations with it too). pairs: dicts with name, task and gold, one per dialogue. The scorer runs with
+    every adapter switched off, so it is Q_BASE even when Q_t shares its weights.
+    Returns (logprob, n_tokens scored, truncated) per dialogue."""
+    contexts = [answer_view(p["name"], p["task"], d) for p, d in zip(pairs, dialogues)]
+    return scorer.score(contexts, [p["gold"] for p in pairs], adapter=None, batch_size=batch_size)
 
 
 def top_k(scores: list[dict], k: int) -> list[dict]:
@@ -60,7 +74,7 @@ def top_k(scores: list[dict], k: int) -> list[dict]:
 
 
 def main():
-    args = parse_args(Args)
+    args, model_args = parse_args(Args, ModelSettings)
     seed_everything(args.seed)
     out = Path(args.run_dir) / f"iter{args.iteration}"
     if (out / "sft.jsonl").exists():
@@ -80,15 +94,13 @@ def main():
     if len(conversations) != expected:
         raise StepError(f"{source}: {len(conversations)} conversations with conv_id < {args.n_conversations}, "
                         f"expected {expected} ({len(pairs)} pairs x N); is --n_conversations the one 02 used?")
-    pool = ModelPool(args.cache_dir, args.load_in_4bit, args.trust_remote_code, args.dtype)
+    pool = model_args.pool()
 
-    # 1. Score every conversation by log p_BASE(gold | task, conversation). The scorer runs with every
-    # adapter switched off, so it is Q_BASE even in iterations where Q_t shares its weights.
+    # 1. Score every conversation by log p_BASE(gold | the Questioner's prompt, the conversation, the task).
     scorer = pool.local(args.questioner)
 
     def score_records(_, chunk, keys):
-        contexts = [answer_view(pairs[k[:2]]["name"], pairs[k[:2]]["task"], c["messages"]) for k, c in zip(keys, chunk)]
-        results = scorer.score(contexts, [pairs[k[:2]]["gold"] for k in keys], adapter=None, batch_size=args.batch_size)
+        results = gold_logprob(scorer, [pairs[k[:2]] for k in keys], [c["messages"] for c in chunk], args.batch_size)
         return [{"task_id": c["task_id"], "persona_id": c["persona_id"], "conv_id": c["conv_id"],
                  "iteration": args.iteration, "n_turns": c["n_turns"], "logprob": lp, "n_tokens": n,
                  "scorer": scorer.spec, "truncated": cut} for c, (lp, n, cut) in zip(chunk, results)]
@@ -130,7 +142,7 @@ def main():
 
     keys = [record_key("score", s) for s in kept]
     sft = resumable(out / "sft.jsonl", "sft", kept, keys, args.chunk_size, f"answers ({args.target})", sft_records)
-    record_args(out / "args_03_select.json", args)
+    record_args(out / "args_03_select.json", args, model_args)
 
     mean = sum(s["logprob"] for s in scores) / len(scores)
     best = sum(s["logprob"] for s in kept) / len(kept)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 
-from models import encode_for_training, load_local, template_accepts_system, want_4bit
+from models import ModelSettings, encode_for_training, load_local, template_accepts_system, want_4bit
 from utils import StepError, parse_args, read_jsonl, record_args, run_main, seed_everything, write_json_atomic
 
 
@@ -48,13 +48,6 @@ class Args:
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations to save memory"})
     save_steps: int = field(default=50, metadata={"help": "checkpoint every this many updates (for resuming)"})
     seed: int = field(default=0, metadata={"help": "seeds LoRA initialisation and data order"})
-    cache_dir: str = field(default="cache", metadata={"help": "where the embedded model is cached"})
-    load_in_4bit: str = field(default="auto", metadata={
-        "help": "4-bit NF4 base (QLoRA): auto (when CUDA is present), yes, no", "choices": ["auto", "yes", "no"]})
-    dtype: str = field(default="auto", metadata={
-        "help": "weights of unquantized local models: auto (bfloat16 on a GPU or a CPU with native bf16 matmuls, "
-                "else float32), bfloat16, float32", "choices": ["auto", "bfloat16", "float32"]})
-    trust_remote_code: bool = field(default=False, metadata={"help": "allow custom model code from the hub"})
 
 
 class PadCollator:
@@ -122,7 +115,7 @@ def last_checkpoint(folder: Path) -> Path | None:
 
 
 def main():
-    args = parse_args(Args)
+    args, model_args = parse_args(Args, ModelSettings)
     seed_everything(args.seed)
     out = Path(args.run_dir) / f"iter{args.iteration}"
     adapter_dir = out / "adapter"
@@ -130,12 +123,13 @@ def main():
         print(f"04_train: {adapter_dir} exists; nothing to do")
         return
     records = read_jsonl(out / "sft.jsonl", "sft")
-    quantized = want_4bit(args.load_in_4bit)
+    quantized = want_4bit(model_args.load_in_4bit)
 
     # Q_BASE, in 4-bit NF4 for QLoRA when asked (or on a GPU), with fresh LoRA adapters on all linear layers.
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    model, tokenizer = load_local(args.questioner, args.cache_dir, quantized, args.trust_remote_code, args.dtype)
+    model, tokenizer = load_local(args.questioner, model_args.cache_dir, quantized, model_args.trust_remote_code,
+                                  model_args.dtype)
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
     model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
@@ -178,7 +172,7 @@ def main():
         os.replace(tmp, adapter_dir)
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         write_json_atomic(out / "train_log.json", {"log_history": trainer.state.log_history, "truncated": cut})
-        record_args(out / "args_04_train.json", args)
+        record_args(out / "args_04_train.json", args, model_args)
         shutil.rmtree(checkpoints, ignore_errors=True)
         tokens = sum(sum(l != -100 for l in row["labels"]) for row in dataset)
         print(f"04_train: {len(dataset)} records ({tokens} trained tokens, {cut} cut at {args.max_length}), "

@@ -6,13 +6,16 @@ A model spec names where a role's model lives:
     openai:<model>        any OpenAI-compatible server (OpenAI, vLLM, llama.cpp, Ollama); the base URL
     openai:<model>@<url>  comes from OPENAI_BASE_URL or after '@', the key from OPENAI_API_KEY.
     scripted:<folder>     the toy preset's scripted Oracle, Roleplayer and Judge (scripted.py), not a model
+    human                 a person at the terminal plays the Roleplayer or the Judge (human.py), not a model
 Roles that name the same local model share one loaded copy (a `ModelPool`), so a 7B Questioner and
 Roleplayer fit one GPU: LoRA adapters are attached by name and switched off for roles that need the base.
+How every step loads local models is one dataclass, `ModelSettings`, parsed beside each step's own Args.
 """
 
 import concurrent.futures
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -24,6 +27,8 @@ import torch
 from tqdm.auto import tqdm
 
 from decoding import generate_batch, plan_prefill, score_batch
+from human import HumanChat
+from scripted import ScriptedChat
 from utils import StepError, append_jsonl, read_partial
 
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -34,11 +39,34 @@ MERGE_MAX_PARAMS = 1_000_000_000
 
 # --- Specs and loading ------------------------------------------------------------------------------
 
+@dataclasses.dataclass
+class ModelSettings:
+    """How local models are loaded: the same flags in every step (parsed beside the step's own Args)."""
+
+    _argument_group_name = "model settings (the same in every step)"
+    cache_dir: str = dataclasses.field(default="cache", metadata={
+        "help": "where the embedded model is cached, and the Oracle's (01) and the Judge's (05) call caches"})
+    load_in_4bit: str = dataclasses.field(default="auto", metadata={
+        "help": "4-bit NF4 local models (04: the QLoRA base): auto (when CUDA is present), yes, no",
+        "choices": ["auto", "yes", "no"]})
+    dtype: str = dataclasses.field(default="auto", metadata={
+        "help": "weights of unquantized local models: auto (bfloat16 on a GPU or a CPU with native bf16 matmuls, "
+                "else float32), bfloat16, float32", "choices": ["auto", "bfloat16", "float32"]})
+    trust_remote_code: bool = dataclasses.field(default=False, metadata={
+        "help": "allow custom model code from the hub"})
+
+    def pool(self) -> "ModelPool":
+        """The ModelPool that loads each role's local model with these settings."""
+        return ModelPool(self.cache_dir, self.load_in_4bit, self.trust_remote_code, self.dtype)
+
+
 def parse_spec(spec: str):
-    """'embedded' | 'hf:<id or path>' | 'openai:<model>[@<base url>]' | 'scripted:<folder>'
+    """'embedded' | 'hf:<id or path>' | 'openai:<model>[@<base url>]' | 'scripted:<folder>' | 'human'
     -> (kind, name, base_url)."""
     if spec == "embedded":
         return "embedded", "SmolLM2-135M-Instruct", None
+    if spec == "human":
+        return "human", "human", None
     kind, _, rest = spec.partition(":")
     if kind == "hf" and rest:
         return "hf", rest, None
@@ -47,8 +75,8 @@ def parse_spec(spec: str):
         return "openai", name, url or None
     if kind == "scripted" and rest:
         return "scripted", rest, None
-    raise StepError(f"unknown model spec {spec!r}: use 'embedded', 'hf:<hub id or path>', 'openai:<model>' "
-                    "or 'scripted:<world folder>'")
+    raise StepError(f"unknown model spec {spec!r}: use 'embedded', 'hf:<hub id or path>', 'openai:<model>', "
+                    "'scripted:<world folder>' or 'human'")
 
 
 def embedded_model_dir(cache_dir) -> Path:
@@ -113,7 +141,7 @@ def load_local(spec: str, cache_dir="cache", load_in_4bit="no", trust_remote_cod
     load_in_4bit = want_4bit(load_in_4bit)
     dtype = resolve_dtype(dtype)
     kind, name, _ = parse_spec(spec)
-    if kind in ("openai", "scripted"):
+    if kind in ("openai", "scripted", "human"):
         raise StepError(f"{spec!r} is not a local model; this role needs local weights ('embedded' or 'hf:...')")
     path = str(embedded_model_dir(cache_dir)) if kind == "embedded" else name
     options = dict(trust_remote_code=trust_remote_code)
@@ -418,12 +446,12 @@ class ModelPool:
         kind, name, base_url = parse_spec(spec)
         if kind == "openai":
             model = OpenAIChat(name, base_url)
-        elif kind == "scripted":
-            from scripted import ScriptedChat  # the toy preset's roles; imports its sentence encoder lazily
-
+        elif kind == "scripted":  # the toy preset's roles; the sentence encoder loads on first use
             if spec not in self.loaded:
                 self.loaded[spec] = ScriptedChat(name)
             model = self.loaded[spec]
+        elif kind == "human":
+            model = HumanChat()
         else:
             lm = self.local(spec)
             if adapter is not None:
@@ -538,7 +566,8 @@ class OpenAIChat:
 class CachedChat:
     """Remembers every completed call on disk (append + flush), keyed by model, prompt and settings.
 
-    Used for the Oracle and the Judge: a rerun, or a crash halfway, never pays for the same call twice.
+    Used for the Oracle and the Judge: a rerun, or a crash halfway, never pays for the same call twice (nor asks
+    a person playing the Judge the same question twice).
     """
 
     def __init__(self, inner, path):
@@ -566,7 +595,7 @@ class CachedChat:
         return [self.done[k] for k in keys]
 
     def _generate(self, prompts, settings, seeds, batch_size, desc, remember):
-        if isinstance(self.inner, OpenAIChat):  # per-request seeds; each result cached as it arrives
+        if isinstance(self.inner, (OpenAIChat, HumanChat)):  # per-request seeds; each result cached as it arrives
             self.inner.generate(prompts, seeds=seeds, desc=desc, on_result=lambda j, text: remember([(j, text)]),
                                 **settings)
             return

@@ -7,13 +7,12 @@ Judge         sees persona + task + two responses; names the one better fitted t
 
 Conversations are stored from the Questioner's side: a list of {"role", "content"} messages where
 "assistant" is the Questioner and "user" is the Roleplayer. Each role gets its own view of that list
-here, so the Roleplayer's "user" is the Questioner. `simulate` runs the dialogue for many
-conversations at once, one batched generation call per role per turn.
+here, so the Roleplayer's "user" is the Questioner. The dialogue loop that uses these views is in
+02_simulate.py. This module is text only: it imports no model code.
 """
 
 import re
-
-from models import truncated
+import string
 
 QUESTIONER_SYSTEM = (
     "You are a helpful assistant. Before you answer a request, find out what the user wants by asking "
@@ -111,41 +110,11 @@ def answer_view(name: str, task: str, dialogue: list[dict]) -> list[dict]:
     """The Questioner's view when it must answer: the dialogue, then the task restated (Sec. 3).
 
     The restatement follows the last answer in the same user turn (templates need alternating roles).
-    This is also the context in which the gold response is scored.
+    This is also the context in which the gold response is scored (03_select.py's gold_logprob), so an
+    edit to any text this view shows changes the reward.
     """
     return questioner_view(name, task, dialogue, ask_after_last=False) + [
         {"role": "user", "content": FINAL_ANSWER_PROMPT.format(task=task)}]
-
-
-def cut_at_question(text: str) -> str:
-    """Keep a Questioner turn up to its first question mark: one question per turn (App. A)."""
-    end = text.find("?")
-    return text[:end + 1].strip() if end >= 0 else text.strip()
-
-
-def simulate(questioner, roleplayer, items, gen, seed):
-    """Simulate many conversations at once, one batched call per role per turn.
-
-    items: dicts with name, task, bio, n_turns. gen: generation settings per role (a dict each).
-    Returns one dialogue (list of messages) per item, each of exactly n_turns question-answer turns, and
-    per item whether any of its turns was generated from a prompt cut to fit the model's context.
-    """
-    dialogues, cut = [[] for _ in items], [False for _ in items]
-    for turn in range(max(item["n_turns"] for item in items)):
-        active = [i for i, item in enumerate(items) if item["n_turns"] > turn]
-        views = [questioner_view(items[i]["name"], items[i]["task"], dialogues[i]) for i in active]
-        questions = questioner.generate(views, seed=seed + 1000 * turn, desc=f"turn {turn + 1} questions",
-                                        **gen["questioner"])
-        for i, q, c in zip(active, questions, truncated(questioner, views, gen["questioner"]["max_new_tokens"])):
-            dialogues[i].append({"role": "assistant", "content": cut_at_question(q)})
-            cut[i] |= c
-        views = [roleplayer_view(items[i]["bio"], items[i]["task"], dialogues[i]) for i in active]
-        answers = roleplayer.generate(views, seed=seed + 1000 * turn, desc=f"turn {turn + 1} answers",
-                                      **gen["roleplayer"])
-        for i, a, c in zip(active, answers, truncated(roleplayer, views, gen["roleplayer"]["max_new_tokens"])):
-            dialogues[i].append({"role": "user", "content": a.strip()})
-            cut[i] |= c
-    return dialogues, cut
 
 
 # Gold answers the Oracle should not have written: a refusal or apology instead of an answer (small Oracles
@@ -189,3 +158,16 @@ def parse_verdict(text: str) -> str | None:
     """'A' or 'B' from the Judge's last 'Verdict: X' line; None when there is none (never guessed)."""
     found = VERDICT.findall(text or "")
     return found[-1].upper() if found else None
+
+
+def unformat(template: str, text: str) -> dict | None:
+    """The inverse of template.format(**fields): the fields, or None when text was not made from it.
+    Lets a role played without a model (scripted.py, human.py) read what its prompt says."""
+    pattern, seen = "", set()
+    for literal, field, _, _ in string.Formatter().parse(template):
+        pattern += re.escape(literal)
+        if field is not None:
+            pattern += f"(?P={field})" if field in seen else f"(?P<{field}>.*?)"
+            seen.add(field)
+    found = re.fullmatch(pattern, text, re.DOTALL)
+    return found.groupdict() if found else None

@@ -21,24 +21,29 @@ CACHE_DIR="${CACHE_DIR:-cache}"
 START=$SECONDS
 
 # --- Presets: every value that differs between them, in one place ---------------------------------
+# MODEL_FLAGS go to every step (models.ModelSettings); SIM_FLAGS to 02 and 05 alike (02_simulate.py's
+# SimulationSettings), so evaluation simulates conversations exactly as training did; GEN_FLAGS, SELECT_FLAGS,
+# TRAIN_FLAGS and EVAL_FLAGS to one step each.
 case "$PRESET" in
   tiny)    # the embedded SmolLM2-135M in every role; sizes that finish in minutes on 2 CPU cores
     QUESTIONER=embedded; ROLEPLAYER=embedded; ORACLE=embedded; JUDGE=embedded
     ITERATIONS=2; N_TASKS="4 4 3"; N_PERSONAS="3 3 3"; N=3; TOP_K=1; TEST_PAIRS=9
-    GEN_FLAGS="--persona_max_tokens 120 --gold_max_tokens 96"
+    MODEL_FLAGS=""
     SIM_FLAGS="--question_max_tokens 64 --answer_max_tokens 48"
+    GEN_FLAGS="--persona_max_tokens 120 --gold_max_tokens 96"
     SELECT_FLAGS="--answer_max_tokens 96"
     TRAIN_FLAGS="--learning_rate 5e-4 --epochs 2 --batch_size 1 --grad_accum 4 --lora_r 8 --lora_dropout 0"
-    EVAL_FLAGS="--question_max_tokens 64 --answer_max_tokens 48 --final_max_tokens 96 --judge_max_tokens 64 --batch_size 16"
+    EVAL_FLAGS="--final_max_tokens 96 --judge_max_tokens 64 --batch_size 16"
     ;;
   smoke)   # the test suite's preset: the smallest sizes that still exercise every step (seconds per step)
     QUESTIONER=embedded; ROLEPLAYER=embedded; ORACLE=embedded; JUDGE=embedded
     ITERATIONS=2; N_TASKS="2 2 2"; N_PERSONAS="1 1 2"; N=2; TOP_K=1; TEST_PAIRS=3
-    GEN_FLAGS="--persona_max_tokens 48 --gold_max_tokens 24 --n_examples 1"
+    MODEL_FLAGS=""
     SIM_FLAGS="--question_max_tokens 12 --answer_max_tokens 12 --max_turns 2"
+    GEN_FLAGS="--persona_max_tokens 48 --gold_max_tokens 24 --n_examples 1"
     SELECT_FLAGS="--answer_max_tokens 16"
     TRAIN_FLAGS="--learning_rate 1e-3 --epochs 2 --warmup_ratio 0 --batch_size 2 --grad_accum 1 --lora_r 4"
-    EVAL_FLAGS="--question_max_tokens 12 --answer_max_tokens 12 --final_max_tokens 16 --judge_max_tokens 8"
+    EVAL_FLAGS="--final_max_tokens 16 --judge_max_tokens 8"
     ;;
   toy)     # a controlled world (data/toy, scripted.py) where the effect of good questions is known: the real
            # embedded Questioner, trained by the same steps, with a scripted Oracle, Roleplayer and Judge.
@@ -47,11 +52,12 @@ case "$PRESET" in
     QUESTIONER=hf:$CACHE_DIR/toy-base; ROLEPLAYER=scripted:data/toy; ORACLE=$ROLEPLAYER; JUDGE=$ROLEPLAYER
     BASE_MODEL="python toy_base.py --out $CACHE_DIR/toy-base --cache_dir $CACHE_DIR --dtype ${DTYPE:-auto}"
     ITERATIONS=2; N_TASKS="24 24 24"; N_PERSONAS="3 3 5"; N=4; TOP_K=1; TEST_PAIRS=120; EVAL_N=2
-    GEN_FLAGS="--tasks data/toy/tasks.jsonl"
+    MODEL_FLAGS=""
     SIM_FLAGS="--question_max_tokens 24"
+    GEN_FLAGS="--tasks data/toy/tasks.jsonl"
     SELECT_FLAGS="--answer_max_tokens 40"
     TRAIN_FLAGS="--learning_rate 1e-3 --epochs 2 --batch_size 1 --grad_accum 4 --lora_r 8 --lora_dropout 0 --no_gradient_checkpointing"
-    EVAL_FLAGS="--question_max_tokens 24 --final_max_tokens 40"
+    EVAL_FLAGS="--final_max_tokens 40"
     ;;
   laptop)  # Mistral-7B-Instruct-v0.2 in 4-bit as Questioner and Roleplayer (one shared copy);
            # Oracle and Judge through an OpenAI-compatible API when OPENAI_API_KEY is set
@@ -59,24 +65,21 @@ case "$PRESET" in
     if [ -n "${OPENAI_API_KEY:-}" ]; then ORACLE=openai:gpt-4o; JUDGE=openai:gpt-4o
     else ORACLE=$QUESTIONER; JUDGE=$QUESTIONER; fi
     ITERATIONS=2; N_TASKS="40 40 20"; N_PERSONAS="10 10 5"; N=4; TOP_K=1; TEST_PAIRS=100
-    GEN_FLAGS="--load_in_4bit yes"
-    SIM_FLAGS="--load_in_4bit yes"
-    SELECT_FLAGS="--load_in_4bit yes"
-    TRAIN_FLAGS="--load_in_4bit yes --batch_size 4 --grad_accum 4"
-    EVAL_FLAGS="--load_in_4bit yes"
+    MODEL_FLAGS="--load_in_4bit yes"; SIM_FLAGS=""; GEN_FLAGS=""; SELECT_FLAGS=""; EVAL_FLAGS=""
+    TRAIN_FLAGS="--batch_size 4 --grad_accum 4"
     ;;
   paper)   # Sec. 4: Mistral-7B Questioner, Mixtral-8x7B Roleplayer, GPT-4 Oracle and Judge, 3 iterations
     QUESTIONER=hf:mistralai/Mistral-7B-Instruct-v0.2; ROLEPLAYER=hf:mistralai/Mixtral-8x7B-Instruct-v0.1
     ORACLE=openai:gpt-4; JUDGE=openai:gpt-4
     ITERATIONS=3; N_TASKS="250 250 50"; N_PERSONAS="50 50 10"; N=10; TOP_K=1; TEST_PAIRS=300
-    GEN_FLAGS=""; SIM_FLAGS=""; SELECT_FLAGS=""; TRAIN_FLAGS=""; EVAL_FLAGS=""
+    MODEL_FLAGS=""; SIM_FLAGS=""; GEN_FLAGS=""; SELECT_FLAGS=""; TRAIN_FLAGS=""; EVAL_FLAGS=""
     ;;
   *) echo "unknown preset '$PRESET': use tiny, toy, laptop, paper (or smoke, for the tests)" >&2; exit 2 ;;
 esac
 EVAL_N="${EVAL_N:-$N}"  # test conversations per pair (the toy preset uses fewer than in training)
 ABLATION_TARGETS="${ABLATION_TARGETS:-gold none}"  # with --ablations: the paper's two, or the preset's choice
 RUN_DIR="${RUN_DIR:-runs/$PRESET}"
-COMMON="--cache_dir $CACHE_DIR --seed ${SEED:-0} --dtype ${DTYPE:-auto}"
+COMMON="--cache_dir $CACHE_DIR --seed ${SEED:-0} --dtype ${DTYPE:-auto} $MODEL_FLAGS"
 
 run_method() {  # $1 = run folder, $2 = final message trained on (own | gold | none)
   local dir="$1" target="$2"
@@ -116,7 +119,7 @@ evaluate() {  # $1 = run folder, then extra flags
   local dir="$1"; shift
   python 05_eval.py --run_dir "$dir" --iterations "$ITERATIONS" --questioner "$QUESTIONER" \
     --roleplayer "$ROLEPLAYER" --judge "$JUDGE" --n_conversations "$EVAL_N" --test_pairs "$TEST_PAIRS" \
-    $COMMON $EVAL_FLAGS "$@"
+    $COMMON $SIM_FLAGS $EVAL_FLAGS "$@"
 }
 echo "== $RUN_DIR: evaluation =="
 evaluate "$RUN_DIR"

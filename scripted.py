@@ -25,28 +25,15 @@ import importlib.util
 import json
 import random
 import re
-import string
 from pathlib import Path
 
 import torch
 
-from roles import JUDGE_PROMPT, ORACLE_GOLD_PROMPT, PERSONA_PROMPT, ROLEPLAYER_SYSTEM, answer_problem
+from roles import JUDGE_PROMPT, ORACLE_GOLD_PROMPT, PERSONA_PROMPT, ROLEPLAYER_SYSTEM, answer_problem, unformat
 from utils import StepError, read_jsonl, stable_hash
 
 VAGUE_REPLY = "Hmm, I'm not sure what you mean. I just want something that suits me."
 MATCH_THRESHOLD = 0.5  # cosine similarity a question needs to its closest example question
-
-
-def unformat(template: str, text: str) -> dict | None:
-    """The inverse of template.format(**fields): the fields, or None when text was not made from it."""
-    pattern, seen = "", set()
-    for literal, field, _, _ in string.Formatter().parse(template):
-        pattern += re.escape(literal)
-        if field is not None:
-            pattern += f"(?P={field})" if field in seen else f"(?P<{field}>.*?)"
-            seen.add(field)
-    found = re.fullmatch(pattern, text, re.DOTALL)
-    return found.groupdict() if found else None
 
 
 def second_person(sentence: str) -> str:

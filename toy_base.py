@@ -27,6 +27,7 @@ question rates before and after are in docs/EXPERIMENTS.md).
     python toy_base.py --out cache/toy-base
 """
 
+import importlib
 import os
 import random
 import subprocess
@@ -35,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from models import ModelPool, load_local
-from roles import answer_view, cut_at_question, questioner_view, roleplayer_view
+from roles import answer_view, questioner_view, roleplayer_view
 from scripted import mentions
 from utils import StepError, parse_args, read_jsonl, run_main, seed_everything, write_json_atomic, write_jsonl_atomic
 
@@ -45,6 +46,7 @@ TOLD_ANSWERS = ["Keeping in mind what you told me ({values}), I suggest {suggest
                 "Since you mentioned {values}, I would recommend {suggestion}."]
 GENERAL_ANSWERS = ["I suggest {suggestion}.", "My advice is {suggestion}.", "I would recommend {suggestion}."]
 ROOT = Path(__file__).resolve().parent
+cut_at_question = importlib.import_module("02_simulate").cut_at_question  # one question per turn, as in 02
 
 
 @dataclass
@@ -123,7 +125,7 @@ def warmup_records(questioner, world_chat, tasks: list[dict], per_task: int, que
 
 
 def main():
-    args = parse_args(Args)
+    args, = parse_args(Args)
     seed_everything(args.seed)
     out, build = Path(args.out), Path(f"{args.out}.build")
     if (out / "config.json").exists():

@@ -23,6 +23,10 @@ class StepError(Exception):
     """A problem the user can fix (bad input, bad setting). Printed as one line, exit code 2."""
 
 
+class Stopped(Exception):
+    """A person playing a role ended their input (Ctrl-D): the step stops, keeping what it has saved."""
+
+
 def run_main(main):
     """Run a step's main(); turn a StepError into one clear line on stderr and a non-zero exit.
     A finished step prints its wall time and peak resident memory (what the README's numbers come from)."""
@@ -36,6 +40,10 @@ def run_main(main):
     except KeyboardInterrupt:
         print("interrupted: finished records are kept; run the same command again to resume", file=sys.stderr)
         sys.exit(130)
+    except Stopped as stop:
+        print(f"stopped at the {stop}: finished records are kept; run the same command again to go on",
+              file=sys.stderr)
+        sys.exit(1)
 
 
 def peak_memory_gb() -> float:
@@ -48,10 +56,10 @@ def peak_memory_gb() -> float:
     return peak / 1024 ** (3 if sys.platform == "darwin" else 2)
 
 
-def parse_args(args_class):
-    """Build the step's --help from its Args dataclass (each field's `help` metadata) and parse argv."""
-    (args,) = HfArgumentParser(args_class).parse_args_into_dataclasses()
-    return args
+def parse_args(*classes):
+    """Build the step's --help from its dataclasses (each field's `help` metadata) and parse argv into one of
+    each: the step's own Args, then the settings it shares with other steps (as TRL parses ModelConfig)."""
+    return HfArgumentParser(classes).parse_args_into_dataclasses()
 
 
 def seed_everything(seed: int):
@@ -93,9 +101,10 @@ def provenance() -> dict:
             "date": time.strftime("%Y-%m-%d", time.gmtime())}
 
 
-def record_args(path: Path, args):
-    """Write the arguments a step ran with beside its outputs (args_<step>.json)."""
-    write_json_atomic(path, dataclasses.asdict(args))
+def record_args(path: Path, *parts):
+    """Write the arguments a step ran with beside its outputs (args_<step>.json): every flag of its
+    dataclasses (parse_args) in one object, as a user would pass them."""
+    write_json_atomic(path, {k: v for part in parts for k, v in dataclasses.asdict(part).items()})
 
 
 # --- Record types -------------------------------------------------------------------------------------
@@ -284,11 +293,6 @@ def pending_chunks(items: list, keys: list, done: set, size: int, desc: str):
 
 
 # --- Run layout ---------------------------------------------------------------------------------------
-
-def split_of_iteration(t: int) -> str:
-    """Iterations alternate between the two training splits: A, B, A, ... (Sec. 4.2 of the paper)."""
-    return "A" if t % 2 == 0 else "B"
-
 
 def questioner_adapter(run_dir, t: int):
     """Q_t is Q_BASE plus the LoRA adapter 04_train.py wrote at iteration t-1 (none at t = 0).

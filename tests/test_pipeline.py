@@ -1,7 +1,9 @@
 """The whole method as a user runs it: `run_all.sh` (smoke preset: the tiny sizes of the test suite) on the
 embedded model, in subprocesses, then the same command again. Checks the records every step hands on."""
 
+import dataclasses
 import hashlib
+import importlib
 import json
 import os
 import subprocess
@@ -103,6 +105,24 @@ def test_selection_keeps_the_best_conversation_and_trains_on_the_questioner_only
         assert all(m["role"] == "assistant" for m in trained)  # never system, user or the fixed example
         assert len(trained) == turns[(r["task_id"], r["persona_id"], r["conv_id"])] + 1  # questions + answer
         assert trained[-1] is r["messages"][-1]
+
+
+def test_evaluation_simulates_as_training_did(smoke):
+    """02 and 05 parse one SimulationSettings and run_all.sh passes them one flag list: both record the same
+    settings beside their outputs, and the test conversations were sampled with the training's caps."""
+    run = smoke[0]
+    fields = [f.name for f in dataclasses.fields(importlib.import_module("02_simulate").SimulationSettings)]
+    train = json.loads((run / "iter0" / "args_02_simulate.json").read_text())
+    evaluation = json.loads((run / "eval" / "args_05_eval.json").read_text())
+    assert {f: evaluation[f] for f in fields} == {f: train[f] for f in fields}
+    assert train["max_turns"] == 2 and train["question_max_tokens"] == 12  # the smoke preset's, not the defaults
+
+    def caps(sampling):  # per role: token cap, temperature, top_p (the batch size is each step's own)
+        return {role: {k: v for k, v in settings.items() if k != "batch_size"} for role, settings in sampling.items()}
+
+    trained = caps(read_jsonl(run / "iter0" / "conversations.jsonl", "conversation")[0]["sampling"])
+    for c in read_jsonl(run / "eval" / "m0" / "conversations.jsonl", "conversation"):
+        assert 1 <= c["n_turns"] <= 2 and caps(c["sampling"]) == trained
 
 
 def test_scores_come_from_the_base_model_even_with_adapters_loaded(smoke, model_cache):

@@ -11,8 +11,8 @@ import pytest
 import roles
 from models import ModelPool, parse_spec
 from report import pair_outcome
-from roles import JUDGE_PROMPT, ORACLE_GOLD_PROMPT, PERSONA_PROMPT, ROLEPLAYER_SYSTEM, parse_verdict
-from scripted import VAGUE_REPLY, ScriptedChat, mentions, unformat
+from roles import JUDGE_PROMPT, ORACLE_GOLD_PROMPT, PERSONA_PROMPT, ROLEPLAYER_SYSTEM, parse_verdict, unformat
+from scripted import VAGUE_REPLY, ScriptedChat, mentions
 from utils import StepError, read_jsonl
 
 from conftest import REPO

@@ -1,14 +1,16 @@
-"""Unit tests for the plumbing in utils.py (JSONL hand-offs, seeds) and the pure functions of roles.py."""
+"""Unit tests for the plumbing in utils.py (JSONL hand-offs, seeds), the pure functions of roles.py and the
+dialogue loop of 02_simulate.py."""
 
 import importlib
 import json
 
 import pytest
-from transformers import HfArgumentParser
 
 import roles
 import utils
 from utils import StepError
+
+simulation = importlib.import_module("02_simulate")
 
 
 def write_lines(path, lines, end="\n"):
@@ -258,7 +260,7 @@ def test_resumable_after_a_crash_computes_only_the_missing_chunks(tmp_path):
 
 
 def test_iterations_alternate_splits_and_adapters():
-    assert [utils.split_of_iteration(t) for t in range(4)] == ["A", "B", "A", "B"]
+    assert [simulation.split_of_iteration(t) for t in range(4)] == ["A", "B", "A", "B"]
     assert utils.questioner_adapter("runs/x", 0) is None
     name, folder = utils.questioner_adapter("runs/x", 2)
     assert name == "m2" and folder.as_posix() == "runs/x/iter1/adapter"
@@ -388,7 +390,7 @@ def test_parse_verdict_bold_label_before_colon():
     ("", ""),
 ])
 def test_cut_at_question(text, question):
-    assert roles.cut_at_question(text) == question
+    assert simulation.cut_at_question(text) == question
 
 
 DIALOGUE = [{"role": "assistant", "content": "Any allergies?"}, {"role": "user", "content": "Peanuts."},
@@ -439,7 +441,7 @@ def test_simulate_runs_each_conversation_for_its_own_number_of_turns():
     items = [{"name": "Maya", "task": "Dinner?", "bio": "bio M", "n_turns": 2},
              {"name": "Ben", "task": "Lunch?", "bio": "bio B", "n_turns": 1}]
     gen = {"questioner": {"max_new_tokens": 8}, "roleplayer": {"max_new_tokens": 9}}
-    dialogues, cut = roles.simulate(questioner, roleplayer, items, gen, seed=5)
+    dialogues, cut = simulation.simulate(questioner, roleplayer, items, gen, seed=5)
     turn = [{"role": "assistant", "content": "Any allergies?"}, {"role": "user", "content": "Peanuts."}]
     assert dialogues == [turn + turn, turn]
     assert cut == [False, False]  # not local models: only a local model cuts a prompt to fit its context
@@ -450,14 +452,6 @@ def test_simulate_runs_each_conversation_for_its_own_number_of_turns():
     first_rp_prompt = roleplayer.seen[0][0][0]
     assert "bio M" in first_rp_prompt[0]["content"]
     assert first_rp_prompt[1:] == [{"role": "user", "content": "Any allergies?"}]
-
-
-@pytest.mark.parametrize("step", ["01_generate", "02_simulate", "03_select", "04_train", "05_eval"])
-def test_every_step_can_print_its_help(step):
-    """--help comes from the step's Args dataclass through argparse, which %-formats every help text: a bare
-    '%' in one (05's "95% intervals" was) turns --help into a traceback."""
-    text = HfArgumentParser(importlib.import_module(step).Args).format_help()
-    assert "--run_dir" in text and "--seed" in text
 
 
 def test_each_question_is_trained_in_the_context_it_was_asked_in():

@@ -1,0 +1,123 @@
+"""Settings shared between steps are defined once and cannot drift; imports run one way.
+
+A user relies on this: evaluation (05) must simulate conversations exactly as training (02) did, every step
+must load models the same way, and reading roles.py (the prompts) must not need the model code."""
+
+import ast
+import dataclasses
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import HfArgumentParser
+
+from models import ModelSettings
+
+REPO = Path(__file__).resolve().parents[1]
+SimulationSettings = importlib.import_module("02_simulate").SimulationSettings
+
+# What each step's main() parses: its own Args, then the settings it shares with other steps.
+SHARED = {"01_generate": (ModelSettings,), "02_simulate": (SimulationSettings, ModelSettings),
+          "03_select": (ModelSettings,), "04_train": (ModelSettings,),
+          "05_eval": (SimulationSettings, ModelSettings)}
+
+
+def parser(step) -> HfArgumentParser:
+    return HfArgumentParser((importlib.import_module(step).Args, *SHARED[step]))
+
+
+@pytest.mark.parametrize("step", sorted(SHARED))
+def test_every_step_can_print_its_help(step):
+    """--help comes from the step's dataclasses through argparse, which %-formats every help text: a bare
+    '%' in one (05's "95% intervals" was) turns --help into a traceback."""
+    text = parser(step).format_help()
+    assert "--run_dir" in text and "--seed" in text and "model settings (the same in every step)" in text
+
+
+def dry_run(tmp_path, preset) -> list[list[str]]:
+    """The step commands `bash run_all.sh <preset>` runs, recorded by a stand-in `python` that runs nothing."""
+    bin_dir, log = tmp_path / "bin", tmp_path / f"{preset}.jsonl"
+    bin_dir.mkdir(exist_ok=True)
+    shim = bin_dir / "python"
+    shim.write_text(f"#!{sys.executable}\nimport json, sys\n"
+                    f"with open({str(log)!r}, 'a') as f:\n    f.write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    shim.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", RUN_DIR=str(tmp_path / preset),
+               CACHE_DIR=str(tmp_path / "cache"))
+    subprocess.run(["bash", "run_all.sh", preset], cwd=REPO, env=env, check=True, capture_output=True, timeout=60)
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "smoke", "toy", "laptop", "paper"])
+def test_each_preset_simulates_and_loads_models_alike_in_every_step(tmp_path, preset):
+    calls = dry_run(tmp_path, preset)
+    assert [c[0] for c in calls][:4] == ["01_generate.py", "02_simulate.py", "03_select.py", "04_train.py"]
+    assert calls[-1][0] == "05_eval.py"
+    simulation, loading = [], []
+    for script, *argv in calls:
+        step = script.removesuffix(".py")
+        args, *shared = parser(step).parse_args_into_dataclasses(args=argv)  # every flag known to the step
+        settings = {type(s): s for s in shared}
+        loading.append(settings[ModelSettings])
+        if SimulationSettings in settings:
+            simulation.append((step, settings[SimulationSettings]))
+        # A person at the terminal is never a preset's role: a preset must run unattended.
+        assert "human" not in [getattr(args, role, None) for role in ("oracle", "questioner", "roleplayer", "judge")]
+    assert {step for step, _ in simulation} == {"02_simulate", "05_eval"}
+    assert all(s == simulation[0][1] for _, s in simulation), simulation  # evaluation simulates as training did
+    assert all(m == loading[0] for m in loading), loading
+
+
+def test_args_files_record_every_setting(tmp_path):
+    from utils import record_args
+
+    step = importlib.import_module("02_simulate")
+    args, sim, model = parser("02_simulate").parse_args_into_dataclasses(
+        args=["--run_dir", "r", "--max_turns", "2", "--dtype", "float32"])
+    record_args(tmp_path / "args.json", args, sim, model)
+    recorded = json.loads((tmp_path / "args.json").read_text())
+    assert recorded["run_dir"] == "r" and recorded["max_turns"] == 2 and recorded["dtype"] == "float32"
+    # One flat object with every flag, so the run can be repeated from it.
+    assert set(recorded) == {f.name for c in (step.Args, SimulationSettings, ModelSettings) for f in dataclasses.fields(c)}
+
+
+# --- Imports run one way -----------------------------------------------------------------------------------
+
+def test_reading_the_prompts_loads_no_model_code():
+    done = subprocess.run([sys.executable, "-c", "import sys, roles; print(sorted({'torch', 'models', 'transformers'}"
+                           " & set(sys.modules)))"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def project_imports(path: Path, modules: set[str]) -> set[str]:
+    """The project modules a file imports, wherever the import sits (also inside a function, and by
+    importlib.import_module("02_simulate"), as steps import other steps)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "import_module"
+              and node.args and isinstance(node.args[0], ast.Constant)):
+            found.add(node.args[0].value)
+    return found & modules
+
+
+def test_project_modules_import_each_other_in_no_circle():
+    files = {p.stem: p for p in REPO.glob("*.py")}
+    graph = {name: project_imports(path, set(files)) for name, path in files.items()}
+    assert graph["roles"] == set()  # the prompts stand alone
+
+    def visit(name, path):
+        assert name not in path, f"import circle: {' -> '.join(path[path.index(name):] + [name])}"
+        for other in graph[name]:
+            visit(other, path + [name])
+
+    for name in graph:
+        visit(name, [])
