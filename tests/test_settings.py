@@ -55,6 +55,11 @@ def dry_run(tmp_path, preset) -> list[list[str]]:
 @pytest.mark.parametrize("preset", ["tiny", "smoke", "toy", "laptop", "paper"])
 def test_each_preset_simulates_and_loads_models_alike_in_every_step(tmp_path, preset):
     calls = dry_run(tmp_path, preset)
+    if preset == "toy":  # the preset's Q_BASE is built first, and every step then loads it as the Questioner
+        (script, *argv), *calls = calls
+        base, = HfArgumentParser(importlib.import_module("toy_base").Args).parse_args_into_dataclasses(args=argv)
+        assert script == "toy_base.py"
+        assert all(c[c.index("--questioner") + 1] == f"hf:{base.out}" for c in calls if "--questioner" in c)
     assert [c[0] for c in calls][:4] == ["01_generate.py", "02_simulate.py", "03_select.py", "04_train.py"]
     assert calls[-1][0] == "05_eval.py"
     simulation, loading = [], []
