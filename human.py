@@ -6,8 +6,9 @@ in a fresh evaluation folder that reuses that run's data and adapters (05 reads 
 <run_dir>/iter{t-1}/adapter):
 
     mkdir -p runs/play && for d in data iter0 iter1; do ln -sfn "$PWD/runs/toy/$d" runs/play/$d; done
-    python 05_eval.py --run_dir runs/play --iterations 2 --roleplayer human --judge scripted:data/toy \
-        --test_pairs 2 --n_conversations 1 --chunk_pairs 1 --question_max_tokens 24 --final_max_tokens 40
+    python 05_eval.py --run_dir runs/play --iterations 2 --questioner hf:cache/toy-base --roleplayer human \
+        --judge scripted:data/toy --test_pairs 2 --n_conversations 1 --chunk_pairs 1 --question_max_tokens 24 \
+        --final_max_tokens 40
 
 m0, then m1, then m2 (the progress bar names the one asking) ask you about the same two requests (one and two
 turns); the scripted Judge then compares their final answers, and runs/play/eval/report.md has the result.
@@ -15,8 +16,9 @@ Or judge the answers yourself, the scripted Roleplayer answering (per test pair 
 m_t's answer and m0's after m_t's conversation, each against m0's and in both orders):
 
     mkdir -p runs/judge && for d in data iter0; do ln -sfn "$PWD/runs/toy/$d" runs/judge/$d; done
-    python 05_eval.py --run_dir runs/judge --iterations 1 --judge human --roleplayer scripted:data/toy \
-        --test_pairs 2 --n_conversations 1 --question_max_tokens 24 --final_max_tokens 40
+    python 05_eval.py --run_dir runs/judge --iterations 1 --questioner hf:cache/toy-base --judge human \
+        --roleplayer scripted:data/toy --test_pairs 2 --n_conversations 1 --question_max_tokens 24 \
+        --final_max_tokens 40
 
 Each prompt shows what that role sees (Roleplayer: the persona, the request and the Questioner's latest
 question; Judge: the persona, the request and both responses) and reads one line. Ctrl-D ends the step

@@ -29,7 +29,7 @@ class Stopped(Exception):
 
 def run_main(main):
     """Run a step's main(); turn a StepError into one clear line on stderr and a non-zero exit.
-    A finished step prints its wall time and peak resident memory (what the README's numbers come from)."""
+    A finished step prints its wall time and peak resident memory (what docs/EXPERIMENTS.md's numbers come from)."""
     start = time.perf_counter()
     try:
         main()

@@ -1,6 +1,7 @@
 """Bad input gets one clear error (naming the file:line or the setting), exit code 2, and changes nothing.
 
-Each case is a row of README.md's table "Bad inputs". The run folder is written by hand (no model needed)."""
+Each case is a row of the table "Bad inputs" in docs/REFERENCE.md. The run folder is written by hand (no model
+needed)."""
 
 import hashlib
 import json

@@ -1,6 +1,6 @@
 """Text longer than a model's context: a local model cuts the middle of what does not fit and says so;
 the steps store that in each record ("truncated") and count it in their summary. Nothing is dropped, and
-no model is ever fed positions past its context (README, "Bad inputs").
+no model is ever fed positions past its context (docs/REFERENCE.md, "Bad inputs").
 
 The cheap cases shrink the embedded model's context (8192 tokens) to a few hundred tokens, with
 `context_length` in process or STARGATE_CONTEXT_LENGTH for a step. The server's side, a 400 "context
