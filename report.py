@@ -225,7 +225,7 @@ def results_table(runs: list[str]) -> str:
         raise SystemExit(f"error: {missing[0]}/eval/metrics.json: file not found; run 05_eval.py (run_all.sh) first")
     lines = ["| run | seed | model | win rate vs m0 % [95% CI] | wins / ties / losses | m_t asks, m0 answers % "
              "| gold log-prob m_t - m0 [95% CI] | questions (about a relevant attribute) | no answer "
-             "| revealed values used | values never told |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| revealed values used | values never told | *paper win rate* |", "|---" * 12 + "|"]
     ablation_lines = []
     for run, metrics in found:
         for name, m in sorted(metrics["models"].items()):
@@ -240,7 +240,7 @@ def results_table(runs: list[str]) -> str:
                 f"| {fmt(asks['win_rate']) if asks else '-'} "
                 f"| {fmt(gain['mean'], 2) + ' ' + fmt_ci(gain['ci95'], 2) if gain else '-'} "
                 f"| {pct(q['question_rate'])}{relevant} | {pct(a.get('no_answer'))} | {pct(a.get('revealed_used'))} "
-                f"| {pct(a.get('hallucinated'))} |")
+                f"| {pct(a.get('hallucinated'))} | *{fmt(PAPER['win_rate'].get(int(name[1:])))}* |")
         for target in ("gold", "none"):
             other = load_metrics(f"{run}-{target}")
             if other is None:

@@ -61,3 +61,45 @@ def test_top_k_keeps_the_best_per_pair_and_breaks_ties_by_conv_id():
     assert [(s["task_id"], s["conv_id"]) for s in kept] == [("t0", 0), ("t1", 1)]
     kept = select.top_k(list(reversed(scores)), 2)  # input order does not matter
     assert [(s["task_id"], s["conv_id"]) for s in kept] == [("t0", 0), ("t0", 1), ("t1", 1), ("t1", 2)]
+
+
+def fake_metrics(seed, commit="abc1234", win=61.0):
+    later = {"diagnostics": {"question_rate": 0.9, "attribute_hit_rate": 0.3},
+             "answers": {"no_answer": 0.05, "revealed_used": 0.7, "hallucinated": 0.01},
+             "win_rate": {"win_rate": win, "ci95": [55.0, 67.0], "wins": 30, "ties": 80, "losses": 10},
+             "asks_only": {"win_rate": 58.0}, "gain_over_m0": {"mean": 1.25, "ci95": [0.5, 2.0]}}
+    return {"seed": seed, "provenance": {"commit": commit, "uncommitted_changes": False,
+                                         "machine": "Some CPU, 2 cores", "date": "2026-12-02"},
+            "models": {"m0": {"diagnostics": {"question_rate": 0.8, "attribute_hit_rate": 0.2},
+                              "answers": {"no_answer": 0.0, "revealed_used": 0.67, "hallucinated": 0.0}},
+                       "m1": later}}
+
+
+def test_results_tables_come_from_the_runs_metrics_and_say_where_they_came_from(tmp_path, monkeypatch):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    for run, metrics in (("toy", fake_metrics(0)), ("toy-seed1", fake_metrics(1, win=47.5)),
+                         ("toy-none", fake_metrics(0, win=40.0))):
+        (tmp_path / run / "eval").mkdir(parents=True)
+        (tmp_path / run / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results table: begin -->\nthe previous table\n<!-- results table: end -->\noutro\n")
+    command = [sys.executable, str(REPO / "report.py"), "toy", "toy-seed1", "--readme", str(readme)]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    text = readme.read_text()
+    assert text.startswith("intro\n<!-- results table: begin -->\n")
+    assert text.endswith("<!-- results table: end -->\noutro\n")
+    assert "the previous table" not in text
+    assert ("| toy | 0 | m1 | 61.0 [55.0, 67.0] | 30 / 80 / 10 | 58.0 | 1.25 [0.50, 2.00] | 90% (30%) | 5% | 70% "
+            "| 1% |") in text
+    assert "| toy-seed1 | 1 | m1 | 47.5 [55.0, 67.0]" in text
+    assert "| toy-none | 0 | none | m1 | 40.0 [55.0, 67.0]" in text  # the ablation found beside its run
+    assert "commit abc1234, Some CPU, 2 cores, 2026-12-02" in text
+    missing = subprocess.run([sys.executable, str(REPO / "report.py"), "nowhere"], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=120)
+    assert missing.returncode != 0 and "nowhere/eval/metrics.json: file not found" in missing.stderr
