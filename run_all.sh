@@ -104,12 +104,14 @@ run_method "$RUN_DIR" own
 
 EVAL_RUNS=()
 if [ "$ABLATIONS" = "--ablations" ]; then
-  # The paper's ablations share the data and the iteration-0 conversations of m0 (identical by seed).
+  # The paper's ablations share the data and the iteration-0 conversations of m0 and their scores.
   for target in $ABLATION_TARGETS; do
     dir="$RUN_DIR-$target"
     mkdir -p "$dir/iter0"
     [ -e "$dir/data" ] || ln -s "$(cd "$RUN_DIR" && pwd)/data" "$dir/data"
-    [ -e "$dir/iter0/conversations.jsonl" ] || cp "$RUN_DIR/iter0/conversations.jsonl" "$dir/iter0/"
+    for file in conversations.jsonl scores.jsonl; do  # the same conversations, scored by the same Q_BASE
+      [ -e "$dir/iter0/$file" ] || cp "$RUN_DIR/iter0/$file" "$dir/iter0/"
+    done
     run_method "$dir" "$target"
     EVAL_RUNS+=("$dir")
   done
