@@ -13,16 +13,17 @@ Writes  <out>/            the warmed-up model, merged (safetensors + tokenizer):
         <out>/warmup.json how it was made (settings, data counts)
         <out>.build/      its training records (iter0/sft.jsonl) and 04_train.py's log
 
-The data: on each warm-up task, the embedded model converses with the scripted Roleplayer as in 02 (1 to 3
-turns, its questions sampled), and the conversation ends with the answer to learn: it names the values the
-user told, every one and no other, then gives the task's suggestion; with nothing told it stays general. Its
+The data: for each warm-up task, three dialogues of 1 to 3 turns with the scripted Roleplayer. Questions taken
+from the world's examples make the user reveal two, one or none of the task's relevant values; one question per
+dialogue is the embedded model's own, sampled as in 02. Then the answer to learn: it names the values the user
+told, every one and no other, then gives the task's suggestion; with nothing told it stays general. Its
 wording is its own, not the Oracle's gold answer's. Trained by 04_train.py itself (LoRA), then merged.
 
-The loss covers the final answer AND the model's own questions, exactly as it asked them. Trained on the
-answers alone, the model answered everywhere: it asked in 0% of its turns instead of 85% (measured). Its own
-questions, unselected, anchor its asking where it was, as STaR-GATE's response regularisation anchors its
-answers: no question is chosen for being good, so the warm-up teaches nothing about what to ask (the
-question rates before and after are in docs/EXPERIMENTS.md).
+The loss covers the final answer AND the model's own question, exactly as it asked it; never the world's
+example questions. Trained on the answers alone, the model answered everywhere: it asked in 0% of its turns
+instead of 85% (measured). Its own questions, unselected, anchor its asking where it was, as STaR-GATE's
+response regularisation anchors its answers: no question is chosen for being good, so the warm-up teaches
+nothing about what to ask (the question rates before and after are in docs/EXPERIMENTS.md).
 
     python toy_base.py --out cache/toy-base
 """
