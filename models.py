@@ -20,6 +20,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -98,7 +99,12 @@ def embedded_model_dir(cache_dir) -> Path:
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    os.replace(tmp, folder)  # atomic: a crash never leaves a half-written cache that looks complete
+    try:
+        os.replace(tmp, folder)  # atomic: a crash never leaves a half-written cache that looks complete
+    except OSError:  # another process (a parallel test worker) cached it first
+        if not (folder / "model.safetensors").exists():
+            raise
+        shutil.rmtree(tmp)
     return folder
 
 

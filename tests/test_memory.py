@@ -2,6 +2,7 @@
 README shows what the plan prints, and the GPU benchmark runs end to end at a tiny shape on the CPU (its
 Mistral-shaped model built directly in 4-bit has the structure a 4-bit load gives)."""
 
+import dataclasses
 import json
 import math
 import re
@@ -80,12 +81,21 @@ SETTINGS = {
 }
 
 
+def step_default(step: str, argument: str):
+    """The default of a step's command-line argument, from whichever of its settings classes holds it."""
+    module = import_module(step)
+    for settings in (module.Args, getattr(module, "SimulationSettings", None), models.ModelSettings):
+        if settings is not None and argument in {f.name for f in dataclasses.fields(settings)}:
+            return getattr(settings(), argument)
+    raise AssertionError(f"{step} has no argument {argument}")
+
+
 @pytest.mark.parametrize("name", list(memory_plan.PRESETS))
 def test_the_plan_uses_the_presets_settings(name):
     """Each memory-relevant setting of the plan's preset equals run_all.sh's flag, or the step's default."""
     flags, preset = preset_flags(name), memory_plan.PRESETS[name]
     for field, (variable, step, argument) in SETTINGS.items():
-        default = getattr(import_module(step).Args(), argument)
+        default = step_default(step, argument)
         value = flags.get(variable, {}).get(argument, default)
         assert getattr(preset, field) == type(default)(value), f"{name}: {field}"
     specs = {"embedded": memory_plan.SMOL, "hf:mistralai/Mistral-7B-Instruct-v0.2": memory_plan.MISTRAL,
