@@ -40,6 +40,9 @@ MERGE_MAX_PARAMS = 1_000_000_000
 
 # --- Specs and loading ------------------------------------------------------------------------------
 
+BATCH_TOKENS = 16384  # rows x padded length per batch: ~2 GiB of KV cache for a 7B model (README, "Memory plan")
+
+
 @dataclasses.dataclass
 class ModelSettings:
     """How local models are loaded: the same flags in every step (parsed beside the step's own Args)."""
@@ -55,10 +58,14 @@ class ModelSettings:
                 "else float32), bfloat16, float32", "choices": ["auto", "bfloat16", "float32"]})
     trust_remote_code: bool = dataclasses.field(default=False, metadata={
         "help": "allow custom model code from the hub"})
+    batch_tokens: int = dataclasses.field(default=BATCH_TOKENS, metadata={
+        "help": "most tokens in one batch of a local model, counted as rows x the longest row (prompt + new "
+                "tokens): a long prompt runs in a smaller batch, alone if need be, so this bounds the peak memory "
+                "of generation and scoring; 0: no bound (only the steps' --batch_size)"})
 
     def pool(self) -> "ModelPool":
         """The ModelPool that loads each role's local model with these settings."""
-        return ModelPool(self.cache_dir, self.load_in_4bit, self.trust_remote_code, self.dtype)
+        return ModelPool(self.cache_dir, self.load_in_4bit, self.trust_remote_code, self.dtype, self.batch_tokens)
 
 
 def parse_spec(spec: str):
@@ -279,13 +286,30 @@ def context_override() -> int | None:
 
 # --- Local models -------------------------------------------------------------------------------------
 
+def token_batches(order: list[int], lengths: list[int], batch_size: int, batch_tokens: int) -> list[list[int]]:
+    """`order` cut into consecutive batches of at most batch_size rows whose rows x longest row (the tokens a
+    padded batch computes and caches) stay within batch_tokens (0: no bound). A row longer than the budget
+    runs alone. With order longest first, a long prompt gets a small batch and the short ones stay together."""
+    batches, rows, longest = [], [], 0
+    for i in order:
+        wider = max(longest, lengths[i])
+        if rows and (len(rows) == batch_size or (batch_tokens and (len(rows) + 1) * wider > batch_tokens)):
+            batches.append(rows)
+            rows, wider = [], lengths[i]
+        rows.append(i)
+        longest = wider
+    return batches + [rows] if rows else batches
+
+
 class LocalLM:
     """One loaded causal LM with any number of named LoRA adapters; shared by all roles that name it."""
 
-    def __init__(self, spec, cache_dir="cache", load_in_4bit="no", trust_remote_code=False, dtype="auto", loaded=None):
+    def __init__(self, spec, cache_dir="cache", load_in_4bit="no", trust_remote_code=False, dtype="auto", loaded=None,
+                 batch_tokens=BATCH_TOKENS):
         """loaded: a (model, tokenizer) pair already in memory, instead of loading the spec (bench/gpu.py's
-        Mistral-shaped model with random weights, quantized as load_local quantizes)."""
-        self.spec = spec
+        Mistral-shaped model with random weights, quantized as load_local quantizes). batch_tokens: the most
+        tokens in one batch (token_batches)."""
+        self.spec, self.batch_tokens = spec, batch_tokens
         self.model, self.tokenizer = loaded or load_local(spec, cache_dir, load_in_4bit, trust_remote_code, dtype)
         self.system_ok = template_accepts_system(self.tokenizer)
         eos = self.model.generation_config.eos_token_id  # e.g. Llama-3 and Gemma end turns with another token
@@ -382,6 +406,10 @@ class LocalLM:
             longest[g] = max(longest.get(g, 0), lengths[i])
         return sorted(range(len(prompt_ids)), key=lambda i: (-longest[group[i]], group[i], -lengths[i]))
 
+    def batches(self, prompt_ids, lengths, batch_size: int) -> list[list[int]]:
+        """The batches to run, in batch_order: each at most batch_size rows and batch_tokens tokens."""
+        return token_batches(self.batch_order(prompt_ids, lengths), lengths, batch_size, self.batch_tokens)
+
     @torch.inference_mode()
     def generate(self, prompts, adapter=None, max_new_tokens=128, temperature=0.0, top_p=1.0, seed=0,
                  batch_size=16, desc=None):
@@ -389,10 +417,9 @@ class LocalLM:
         prefilled once, and rows that finish leave the batch at once (decoding.generate_batch), in the
         order of batch_order. With an adapter, a small model generates from a merged copy (merged_copy)."""
         encoded = [self.prompt_ids(p, max_new_tokens)[0] for p in prompts]  # cut to fit the context, if need be
-        order = self.batch_order(encoded, list(map(len, encoded)))
+        batches = self.batches(encoded, [len(ids) + max_new_tokens for ids in encoded], batch_size)
         outputs = [None] * len(encoded)
         stop = {self.tokenizer.eos_token_id, *self.stop_ids}
-        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         with self.using(adapter, merged=True) as model:
             for b, rows in enumerate(tqdm(batches, desc=desc, leave=False, disable=desc is None)):
                 generator = torch.Generator(self.device).manual_seed(seed + b)
@@ -413,9 +440,8 @@ class LocalLM:
         """
         pairs = [self.fit_scored(*encode_chat(self.tokenizer, p, r, self.system_ok))
                  for p, r in zip(prompts, responses)]
-        order = self.batch_order([p for p, _, _ in pairs], [len(p) + len(r) for p, r, _ in pairs])
+        batches = self.batches([p for p, _, _ in pairs], [len(p) + len(r) for p, r, _ in pairs], batch_size)
         results = [None] * len(pairs)
-        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         with self.using(adapter) as model:
             for rows in tqdm(batches, desc=desc, leave=False, disable=desc is None):
                 sums = score_batch(model, [pairs[i][0] for i in rows], [pairs[i][1] for i in rows],
@@ -437,14 +463,16 @@ class LocalLM:
 class ModelPool:
     """Loads each local model once, however many roles name it."""
 
-    def __init__(self, cache_dir="cache", load_in_4bit="no", trust_remote_code=False, dtype="auto"):
+    def __init__(self, cache_dir="cache", load_in_4bit="no", trust_remote_code=False, dtype="auto",
+                 batch_tokens=BATCH_TOKENS):
         self.cache_dir, self.load_in_4bit, self.trust_remote_code = cache_dir, load_in_4bit, trust_remote_code
-        self.dtype = dtype
+        self.dtype, self.batch_tokens = dtype, batch_tokens
         self.loaded = {}
 
     def local(self, spec) -> LocalLM:
         if spec not in self.loaded:
-            self.loaded[spec] = LocalLM(spec, self.cache_dir, self.load_in_4bit, self.trust_remote_code, self.dtype)
+            self.loaded[spec] = LocalLM(spec, self.cache_dir, self.load_in_4bit, self.trust_remote_code, self.dtype,
+                                        batch_tokens=self.batch_tokens)
         return self.loaded[spec]
 
     def chat(self, spec, adapter=None, call_cache=None):

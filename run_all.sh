@@ -21,14 +21,15 @@ CACHE_DIR="${CACHE_DIR:-cache}"
 START=$SECONDS
 
 # --- Presets: every value that differs between them, in one place ---------------------------------
-# MODEL_FLAGS go to every step (models.ModelSettings); SIM_FLAGS to 02 and 05 alike (02_simulate.py's
+# MODEL_FLAGS go to every step (models.ModelSettings; --batch_tokens bounds rows x padded length of a batch,
+# and so the peak memory of generation and scoring); SIM_FLAGS to 02 and 05 alike (02_simulate.py's
 # SimulationSettings), so evaluation simulates conversations exactly as training did; GEN_FLAGS, SELECT_FLAGS,
 # TRAIN_FLAGS and EVAL_FLAGS to one step each.
 case "$PRESET" in
   tiny)    # the embedded SmolLM2-135M in every role; sizes that finish in minutes on 2 CPU cores
     QUESTIONER=embedded; ROLEPLAYER=embedded; ORACLE=embedded; JUDGE=embedded
     ITERATIONS=2; N_TASKS="4 4 3"; N_PERSONAS="3 3 3"; N=3; TOP_K=1; TEST_PAIRS=9
-    MODEL_FLAGS=""
+    MODEL_FLAGS="--batch_tokens 32768"
     SIM_FLAGS="--question_max_tokens 64 --answer_max_tokens 48"
     GEN_FLAGS="--persona_max_tokens 120 --gold_max_tokens 96"
     SELECT_FLAGS="--answer_max_tokens 96"
@@ -38,7 +39,7 @@ case "$PRESET" in
   smoke)   # the test suite's preset: the smallest sizes that still exercise every step (seconds per step)
     QUESTIONER=embedded; ROLEPLAYER=embedded; ORACLE=embedded; JUDGE=embedded
     ITERATIONS=2; N_TASKS="2 2 2"; N_PERSONAS="1 1 2"; N=2; TOP_K=1; TEST_PAIRS=3
-    MODEL_FLAGS=""
+    MODEL_FLAGS="--batch_tokens 32768"
     SIM_FLAGS="--question_max_tokens 12 --answer_max_tokens 12 --max_turns 2"
     GEN_FLAGS="--persona_max_tokens 48 --gold_max_tokens 24 --n_examples 1"
     SELECT_FLAGS="--answer_max_tokens 16"
@@ -52,7 +53,7 @@ case "$PRESET" in
     QUESTIONER=hf:$CACHE_DIR/toy-base; ROLEPLAYER=scripted:data/toy; ORACLE=$ROLEPLAYER; JUDGE=$ROLEPLAYER
     BASE_MODEL="python toy_base.py --out $CACHE_DIR/toy-base --cache_dir $CACHE_DIR --dtype ${DTYPE:-auto}"
     ITERATIONS=2; N_TASKS="24 24 24"; N_PERSONAS="3 3 5"; N=4; TOP_K=1; TEST_PAIRS=120; EVAL_N=2
-    MODEL_FLAGS=""
+    MODEL_FLAGS="--batch_tokens 32768"
     SIM_FLAGS="--question_max_tokens 24"
     GEN_FLAGS="--tasks data/toy/tasks.jsonl"
     SELECT_FLAGS="--answer_max_tokens 40"
@@ -65,14 +66,14 @@ case "$PRESET" in
     if [ -n "${OPENAI_API_KEY:-}" ]; then ORACLE=openai:gpt-4o; JUDGE=openai:gpt-4o
     else ORACLE=$QUESTIONER; JUDGE=$QUESTIONER; fi
     ITERATIONS=2; N_TASKS="40 40 20"; N_PERSONAS="10 10 5"; N=4; TOP_K=1; TEST_PAIRS=100
-    MODEL_FLAGS="--load_in_4bit yes"; SIM_FLAGS=""; GEN_FLAGS=""; SELECT_FLAGS=""; EVAL_FLAGS=""
+    MODEL_FLAGS="--load_in_4bit yes --batch_tokens 16384"; SIM_FLAGS=""; GEN_FLAGS=""; SELECT_FLAGS=""; EVAL_FLAGS=""
     TRAIN_FLAGS="--batch_size 4 --grad_accum 4"
     ;;
   paper)   # Sec. 4: Mistral-7B Questioner, Mixtral-8x7B Roleplayer, GPT-4 Oracle and Judge, 3 iterations
     QUESTIONER=hf:mistralai/Mistral-7B-Instruct-v0.2; ROLEPLAYER=hf:mistralai/Mixtral-8x7B-Instruct-v0.1
     ORACLE=openai:gpt-4; JUDGE=openai:gpt-4
     ITERATIONS=3; N_TASKS="250 250 50"; N_PERSONAS="50 50 10"; N=10; TOP_K=1; TEST_PAIRS=300
-    MODEL_FLAGS=""; SIM_FLAGS=""; GEN_FLAGS=""; SELECT_FLAGS=""; TRAIN_FLAGS=""; EVAL_FLAGS=""
+    MODEL_FLAGS="--batch_tokens 16384"; SIM_FLAGS=""; GEN_FLAGS=""; SELECT_FLAGS=""; TRAIN_FLAGS=""; EVAL_FLAGS=""
     ;;
   *) echo "unknown preset '$PRESET': use tiny, toy, laptop, paper (or smoke, for the tests)" >&2; exit 2 ;;
 esac

@@ -527,3 +527,50 @@ def test_cached_chat_key_includes_model_settings_and_seed(lm, tmp_path):
     assert key != cached.key(PROMPTS[0], settings, 1)
     other = models.CachedChat(models.LocalChat(lm, "adapter"), tmp_path / "calls.jsonl")
     assert key != other.key(PROMPTS[0], settings, 0)
+
+
+# --- Batches by token budget ------------------------------------------------------------------------------
+
+def test_token_batches_bound_rows_times_the_longest_row():
+    lengths = [900, 120, 100, 100, 90, 80, 80, 60]
+    batches = models.token_batches(list(range(8)), lengths, batch_size=4, batch_tokens=500)
+    assert batches == [[0], [1, 2, 3, 4], [5, 6, 7]]  # the long row alone; the rest by the row count
+    assert models.token_batches(list(range(8)), lengths, 4, 0) == [[0, 1, 2, 3], [4, 5, 6, 7]]  # 0: no bound
+    for order in ([7, 0, 1, 2, 3, 4, 5, 6], [1, 7, 2, 0, 3, 6, 4, 5]):  # any order: a longer row closes a batch
+        batches = models.token_batches(order, lengths, 4, 500)
+        assert sorted(sum(batches, [])) == list(range(8)) and sum(batches, []) == order
+        assert all(len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 500 for b in batches)
+
+
+def test_a_long_prompt_runs_in_a_batch_within_the_token_budget(lm, monkeypatch):
+    """One long prompt among short ones: generation and scoring run it in a batch of its own, so no batch
+    computes more than batch_tokens (rows x padded length), and the outputs are those of unbounded batches."""
+    long_prompt = [{"role": "user", "content": "Plan a trip. " + "I like quiet places and trains. " * 80}]
+    prompts, responses = [long_prompt] + PROMPTS, ["Take the train to the coast."] + RESPONSES
+    shapes = []  # (rows, longest row) of each batch run
+    generate_batch, score_batch = models.generate_batch, models.score_batch
+
+    def generate_recorded(model, ids, max_new_tokens, *args):
+        shapes.append((len(ids), max(map(len, ids)) + max_new_tokens))
+        return generate_batch(model, ids, max_new_tokens, *args)
+
+    def score_recorded(model, ids, response_ids, *args):
+        shapes.append((len(ids), max(len(p) + len(r) for p, r in zip(ids, response_ids))))
+        return score_batch(model, ids, response_ids, *args)
+
+    unbounded = lm.batch_tokens
+    try:
+        lm.batch_tokens = 0
+        free_texts, free_scores = lm.generate(prompts, max_new_tokens=6, batch_size=8), lm.score(prompts, responses)
+        lm.batch_tokens = 600
+        monkeypatch.setattr(models, "generate_batch", generate_recorded)
+        monkeypatch.setattr(models, "score_batch", score_recorded)
+        texts, scores = lm.generate(prompts, max_new_tokens=6, batch_size=8), lm.score(prompts, responses)
+    finally:
+        lm.batch_tokens = unbounded
+    assert len(lm.prompt_ids(long_prompt, 6)[0]) > 300  # the long prompt cannot share a batch of 600 tokens
+    assert [rows for rows, _ in shapes] == [1, len(PROMPTS)] * 2  # generation, then scoring: long alone, rest together
+    assert all(rows == 1 or rows * length <= 600 for rows, length in shapes), shapes
+    assert texts == free_texts
+    for (a, n, _), (b, m, _) in zip(scores, free_scores):
+        assert n == m and a == pytest.approx(b, abs=1e-3)
