@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from mistral_standin import MISTRAL_7B_INSTRUCT_V02, standin_tokenizer  # noqa: E402
-from models import embedded_model_dir, encode_chat, encode_for_training, template_accepts_system  # noqa: E402
+from models import BATCH_TOKENS, embedded_model_dir, encode_chat, encode_for_training, template_accepts_system  # noqa: E402
 from roles import (JUDGE_PROMPT, JUDGE_SYSTEM, ORACLE_GOLD_PROMPT, ORACLE_SYSTEM, PERSONA_PROMPT,  # noqa: E402
                    answer_view, questioner_view, roleplayer_view)
 
@@ -103,17 +103,18 @@ class Preset:
     final_max_tokens: int = 300
     judge_max_tokens: int = 200
     eval_batch_size: int = 32
+    batch_tokens: int = BATCH_TOKENS  # every step: rows x longest row of a generation or scoring batch
 
 
 # run_all.sh's presets (its flags over the steps' defaults; tests/test_memory.py checks they agree).
 # tiny and toy run on a CPU: unquantized bf16 (--dtype auto there); laptop with a local Oracle and Judge
 # (no OPENAI_API_KEY), the heavier case.
 PRESETS = {
-    "tiny": Preset(SMOL, quantized=False, persona_max_tokens=120, gold_max_tokens=96, answer_max_tokens=48,
-                   select_answer_max_tokens=96, train_batch_size=1, lora_r=8, lora_dropout=0.0,
+    "tiny": Preset(SMOL, quantized=False, batch_tokens=32768, persona_max_tokens=120, gold_max_tokens=96,
+                   answer_max_tokens=48, select_answer_max_tokens=96, train_batch_size=1, lora_r=8, lora_dropout=0.0,
                    eval_answer_max_tokens=48, final_max_tokens=96, judge_max_tokens=64, eval_batch_size=16),
-    "toy": Preset(SMOL, quantized=False, local_oracle=False, local_judge=False, local_roleplayer=False,
-                  question_max_tokens=24, select_answer_max_tokens=40, train_batch_size=1, lora_r=8,
+    "toy": Preset(SMOL, quantized=False, batch_tokens=32768, local_oracle=False, local_judge=False,
+                  local_roleplayer=False, question_max_tokens=24, select_answer_max_tokens=40, train_batch_size=1, lora_r=8,
                   lora_dropout=0.0, gradient_checkpointing=False, eval_question_max_tokens=24, final_max_tokens=40),
     "laptop": Preset(MISTRAL, train_batch_size=4),
     "paper": Preset(MISTRAL, roleplayer=MIXTRAL, local_oracle=False, local_judge=False),
@@ -344,6 +345,8 @@ def plan(p: Preset, cache_dir) -> list[dict]:
     rows = []
     for call in heavy_calls(p, tokenizer):
         sizes = call_size(call, tokenizer, p.max_length)
+        if call["kind"] != "train":  # the token budget splits a batch of long rows (models.token_batches)
+            sizes = (min(sizes[0], max(1, p.batch_tokens // (sizes[1] + sizes[2]))), *sizes[1:])
         simulating = call["step"][:2] in ("02", "05")
         held = q.weights() + (r.weights() if r and simulating else 0) + (merged_copy if simulating else 0)
         terms = call_terms(call, sizes, p, r if r and "answers, turn" in call["step"] else q, held)

@@ -24,6 +24,9 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 # with anything else, two spinning OpenMP threads made generation 10-20x slower (measured: 8 tokens for
 # 2 prompts took 11-28 s with 2 threads, 1.3-1.7 s with 1).
 torch.set_num_threads(1)
+# The steps and servers the tests start as subprocesses too: pytest runs two workers (pytest.ini), and two
+# workers whose subprocesses each spun two threads on two cores took 34 minutes in CI, one worker 20.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(scope="session")

@@ -57,7 +57,8 @@ def preset_flags(name: str) -> dict:
     return flags
 
 
-# Preset field -> (run_all.sh variable, step, the step's argument).
+# Preset field -> (run_all.sh variables, step, the step's argument). run_all.sh passes 05 SIM_FLAGS, then
+# EVAL_FLAGS: where both set an argument, the later one holds.
 SETTINGS = {
     "persona_max_tokens": ("GEN_FLAGS", "01_generate", "persona_max_tokens"),
     "gold_max_tokens": ("GEN_FLAGS", "01_generate", "gold_max_tokens"),
@@ -73,11 +74,12 @@ SETTINGS = {
     "lora_r": ("TRAIN_FLAGS", "04_train", "lora_r"),
     "lora_dropout": ("TRAIN_FLAGS", "04_train", "lora_dropout"),
     "gradient_checkpointing": ("TRAIN_FLAGS", "04_train", "gradient_checkpointing"),
-    "eval_question_max_tokens": ("EVAL_FLAGS", "05_eval", "question_max_tokens"),
-    "eval_answer_max_tokens": ("EVAL_FLAGS", "05_eval", "answer_max_tokens"),
+    "eval_question_max_tokens": ("SIM_FLAGS EVAL_FLAGS", "05_eval", "question_max_tokens"),
+    "eval_answer_max_tokens": ("SIM_FLAGS EVAL_FLAGS", "05_eval", "answer_max_tokens"),
     "final_max_tokens": ("EVAL_FLAGS", "05_eval", "final_max_tokens"),
     "judge_max_tokens": ("EVAL_FLAGS", "05_eval", "judge_max_tokens"),
     "eval_batch_size": ("EVAL_FLAGS", "05_eval", "batch_size"),
+    "batch_tokens": ("MODEL_FLAGS", "01_generate", "batch_tokens"),
 }
 
 
@@ -94,9 +96,10 @@ def step_default(step: str, argument: str):
 def test_the_plan_uses_the_presets_settings(name):
     """Each memory-relevant setting of the plan's preset equals run_all.sh's flag, or the step's default."""
     flags, preset = preset_flags(name), memory_plan.PRESETS[name]
-    for field, (variable, step, argument) in SETTINGS.items():
-        default = step_default(step, argument)
-        value = flags.get(variable, {}).get(argument, default)
+    for field, (variables, step, argument) in SETTINGS.items():
+        value = default = step_default(step, argument)
+        for variable in variables.split():
+            value = flags.get(variable, {}).get(argument, value)
         assert getattr(preset, field) == type(default)(value), f"{name}: {field}"
     specs = {"embedded": memory_plan.SMOL, "hf:mistralai/Mistral-7B-Instruct-v0.2": memory_plan.MISTRAL,
              "hf:mistralai/Mixtral-8x7B-Instruct-v0.1": memory_plan.MIXTRAL}

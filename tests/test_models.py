@@ -385,7 +385,8 @@ def test_fill_holes_moves_only_rows_from_beyond_the_kept_slots():
 # --- LoRA adapters ----------------------------------------------------------------------------------------
 
 def make_adapter(model_dir, path, seed):
-    """A freshly initialised LoRA adapter whose B matrices are random (a real adapter changes outputs)."""
+    """A freshly initialised LoRA adapter whose B matrices are random (a real adapter changes outputs: by
+    1-5 nats on the test pairs, far above bf16 rounding)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -397,7 +398,7 @@ def make_adapter(model_dir, path, seed):
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)  # clearly above rounding
     model.save_pretrained(path)
     return path
 
