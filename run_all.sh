@@ -3,11 +3,13 @@
 # then 05 evaluate. Every step skips work already done, so after a crash or Ctrl-C run the same
 # command again and it finishes what is left, with nothing duplicated.
 #
-#   bash run_all.sh                  # the tiny preset: embedded model in every role, minutes on a CPU
-#   bash run_all.sh toy              # a controlled world with scripted roles where learning shows in minutes
+#   bash run_all.sh                  # the toy preset: a controlled world with scripted roles, where the real
+#                                    # (embedded, warmed-up) Questioner's learning shows in minutes on a CPU
+#   bash run_all.sh tiny             # the embedded 135M model in every role: every role a real LM, too weak to
+#                                    # show the effect
 #   bash run_all.sh laptop           # Mistral-7B-Instruct in 4-bit on one GPU
 #   bash run_all.sh paper            # the paper's sizes and models
-#   bash run_all.sh tiny --ablations # also the paper's two ablations, in runs/<preset>-gold, -none
+#   bash run_all.sh toy --ablations  # also the paper's two ablations, in runs/<preset>-gold, -none
 #
 # RUN_DIR=... and CACHE_DIR=... override where outputs and caches go; SEED=1 draws other splits, personas and
 # samples (default 0); DTYPE=float32 computes local models in fp32 (default auto: bf16 on a GPU or on a CPU
@@ -15,7 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-PRESET="${1:-tiny}"
+PRESET="${1:-toy}"
 ABLATIONS="${2:-}"
 CACHE_DIR="${CACHE_DIR:-cache}"
 START=$SECONDS
