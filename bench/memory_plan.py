@@ -412,7 +412,7 @@ def main():
     parser.add_argument("--measured", help="bench/gpu.py's results.json: its laptop peaks beside the plan")
     args = parser.parse_args()
     plans = {name: plan(PRESETS[name], args.cache_dir) for name in args.presets}
-    measured = {"tiny": "CPU RSS 2.4-2.8 GB (README)", "toy": "CPU RSS 3.1-3.5 GB (README)"}
+    measured = {"tiny": "CPU RSS 2.4-2.8 GB (docs/EXPERIMENTS.md)", "toy": "CPU RSS 3.1-3.5 GB (docs/EXPERIMENTS.md)"}
     if args.measured:
         results = json.loads(Path(args.measured).read_text())
         peaks = {}  # the Mistral-shaped model's highest measured peak per kind of call

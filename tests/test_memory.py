@@ -101,7 +101,8 @@ def test_the_plan_uses_the_presets_settings(name):
         for variable in variables.split():
             value = flags.get(variable, {}).get(argument, value)
         assert getattr(preset, field) == type(default)(value), f"{name}: {field}"
-    specs = {"embedded": memory_plan.SMOL, "hf:mistralai/Mistral-7B-Instruct-v0.2": memory_plan.MISTRAL,
+    specs = {"embedded": memory_plan.SMOL, "hf:$CACHE_DIR/toy-base": memory_plan.SMOL,  # warmed up, same shape
+             "hf:mistralai/Mistral-7B-Instruct-v0.2": memory_plan.MISTRAL,
              "hf:mistralai/Mixtral-8x7B-Instruct-v0.1": memory_plan.MIXTRAL}
     assert specs[flags["models"]["QUESTIONER"]] == preset.questioner
     roleplayer = flags["models"]["ROLEPLAYER"]
