@@ -14,6 +14,12 @@
 # RUN_DIR=... and CACHE_DIR=... override where outputs and caches go; SEED=1 draws other splits, personas and
 # samples (default 0); DTYPE=float32 computes local models in fp32 (default auto: bf16 on a GPU or on a CPU
 # with native bf16 matmuls).
+#
+# Any preset value can be overridden from the environment: QUESTIONER, ROLEPLAYER, ORACLE, JUDGE, ITERATIONS,
+# N_TASKS, N_PERSONAS, N, TOP_K, TEST_PAIRS, EVAL_N and the *_FLAGS below; a role the preset gives the
+# Questioner's model (laptop: Roleplayer, and Oracle and Judge without a key) follows an overridden QUESTIONER:
+#   QUESTIONER=hf:/models/my-7b-instruct bash run_all.sh laptop   # another 7B model, 4-bit, in those roles
+#   N_TASKS="8 8 4" N_PERSONAS="2 2 2" TEST_PAIRS=8 TRAIN_FLAGS="--batch_size 2" bash run_all.sh laptop
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -21,6 +27,11 @@ PRESET="${1:-toy}"
 ABLATIONS="${2:-}"
 CACHE_DIR="${CACHE_DIR:-cache}"
 START=$SECONDS
+
+# The environment's overrides, kept aside while the preset assigns its values, then put back over them.
+OVERRIDABLE="QUESTIONER ROLEPLAYER ORACLE JUDGE ITERATIONS N_TASKS N_PERSONAS N TOP_K TEST_PAIRS EVAL_N
+  MODEL_FLAGS SIM_FLAGS GEN_FLAGS SELECT_FLAGS TRAIN_FLAGS EVAL_FLAGS"
+for var in $OVERRIDABLE; do [ -z "${!var+set}" ] || printf -v "OVERRIDE_$var" '%s' "${!var}"; done
 
 # --- Presets: every value that differs between them, in one place ---------------------------------
 # MODEL_FLAGS go to every step (models.ModelSettings; --batch_tokens bounds rows x padded length of a batch,
@@ -79,6 +90,14 @@ case "$PRESET" in
     ;;
   *) echo "unknown preset '$PRESET': use tiny, toy, laptop, paper (or smoke, for the tests)" >&2; exit 2 ;;
 esac
+PRESET_QUESTIONER=$QUESTIONER
+for var in $OVERRIDABLE; do
+  override="OVERRIDE_$var"; [ -z "${!override+set}" ] || printf -v "$var" '%s' "${!override}"
+done
+for role in ROLEPLAYER ORACLE JUDGE; do  # the preset's roles on the Questioner's model follow an overridden one
+  override="OVERRIDE_$role"
+  [ "${!role}" != "$PRESET_QUESTIONER" ] || [ -n "${!override+set}" ] || printf -v "$role" '%s' "$QUESTIONER"
+done
 EVAL_N="${EVAL_N:-$N}"  # test conversations per pair (the toy preset uses fewer than in training)
 ABLATION_TARGETS="${ABLATION_TARGETS:-gold none}"  # with --ablations: the paper's two, or the preset's choice
 RUN_DIR="${RUN_DIR:-runs/$PRESET}"
@@ -96,7 +115,7 @@ run_method() {  # $1 = run folder, $2 = final message trained on (own | gold | n
   done
 }
 
-if [ -n "${BASE_MODEL:-}" ]; then
+if [ -n "${BASE_MODEL:-}" ] && [ "$QUESTIONER" = "$PRESET_QUESTIONER" ]; then  # not for an overridden Questioner
   echo "== $QUESTIONER: the preset's base model =="
   $BASE_MODEL
 fi

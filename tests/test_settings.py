@@ -38,8 +38,9 @@ def test_every_step_can_print_its_help(step):
     assert "--run_dir" in text and "--seed" in text and "model settings (the same in every step)" in text
 
 
-def dry_run(tmp_path, preset) -> list[list[str]]:
-    """The step commands `bash run_all.sh <preset>` runs, recorded by a stand-in `python` that runs nothing."""
+def dry_run(tmp_path, preset, **overrides) -> list[list[str]]:
+    """The step commands `bash run_all.sh <preset>` runs, recorded by a stand-in `python` that runs nothing;
+    overrides: environment variables that replace the preset's values."""
     bin_dir, log = tmp_path / "bin", tmp_path / f"{preset}.jsonl"
     bin_dir.mkdir(exist_ok=True)
     shim = bin_dir / "python"
@@ -47,7 +48,7 @@ def dry_run(tmp_path, preset) -> list[list[str]]:
                     f"with open({str(log)!r}, 'a') as f:\n    f.write(json.dumps(sys.argv[1:]) + '\\n')\n")
     shim.chmod(0o755)
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", RUN_DIR=str(tmp_path / preset),
-               CACHE_DIR=str(tmp_path / "cache"))
+               CACHE_DIR=str(tmp_path / "cache"), **overrides)
     subprocess.run(["bash", "run_all.sh", preset], cwd=REPO, env=env, check=True, capture_output=True, timeout=60)
     return [json.loads(line) for line in log.read_text().splitlines()]
 
@@ -75,6 +76,29 @@ def test_each_preset_simulates_and_loads_models_alike_in_every_step(tmp_path, pr
     assert {step for step, _ in simulation} == {"02_simulate", "05_eval"}
     assert all(s == simulation[0][1] for _, s in simulation), simulation  # evaluation simulates as training did
     assert all(m == loading[0] for m in loading), loading
+
+
+def flag(call, name):
+    return call[call.index(name) + 1]
+
+
+def test_the_environment_overrides_a_presets_values(tmp_path):
+    """`QUESTIONER=hf:<path> bash run_all.sh laptop`: another 7B model in every role the preset gives the
+    Questioner's model (without an API key, all four); the values set replace the preset's, even empty ones."""
+    calls = dry_run(tmp_path, "laptop", QUESTIONER="hf:/models/other-7b", N_TASKS="3 3 2", N="2", TRAIN_FLAGS="",
+                    OPENAI_API_KEY="")
+    roles = [flag(c, f"--{r}") for c in calls for r in ("questioner", "roleplayer", "oracle", "judge") if f"--{r}" in c]
+    assert len(roles) == 1 + 4 * 2 + 3 and set(roles) == {"hf:/models/other-7b"}  # 01; 02-04 twice; 05
+    assert calls[0][calls[0].index("--n_tasks") + 1:][:3] == ["3", "3", "2"]
+    assert all(flag(c, "--n_conversations") == "2" for c in calls if "--n_conversations" in c)  # EVAL_N follows N
+    train = next(c for c in calls if c[0] == "04_train.py")
+    assert "--batch_size" not in train and flag(train, "--load_in_4bit") == "yes"  # MODEL_FLAGS: the preset's
+    # A role set apart stays apart; the toy preset's base model is built only for its own Questioner.
+    calls = dry_run(tmp_path, "toy", QUESTIONER="hf:/models/small", JUDGE="openai:gpt-4o", EVAL_N="1")
+    assert calls[0][0] == "01_generate.py" and flag(calls[0], "--oracle") == "scripted:data/toy"
+    evaluation = calls[-1]
+    assert flag(evaluation, "--questioner") == "hf:/models/small" and flag(evaluation, "--judge") == "openai:gpt-4o"
+    assert flag(evaluation, "--roleplayer") == "scripted:data/toy" and flag(evaluation, "--n_conversations") == "1"
 
 
 def test_args_files_record_every_setting(tmp_path):
