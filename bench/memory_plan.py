@@ -53,7 +53,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from mistral_standin import MISTRAL_7B_INSTRUCT_V02, standin_tokenizer  # noqa: E402
-from models import BATCH_TOKENS, embedded_model_dir, encode_chat, encode_for_training, template_accepts_system  # noqa: E402
+from models import (BATCH_TOKENS, embedded_model_dir, encode_chat, encode_for_training,  # noqa: E402
+                    template_accepts_system, token_batches)
 from roles import (JUDGE_PROMPT, JUDGE_SYSTEM, ORACLE_GOLD_PROMPT, ORACLE_SYSTEM, PERSONA_PROMPT,  # noqa: E402
                    answer_view, questioner_view, roleplayer_view)
 
@@ -111,11 +112,13 @@ class Preset:
 # (no OPENAI_API_KEY), the heavier case.
 PRESETS = {
     "tiny": Preset(SMOL, quantized=False, batch_tokens=32768, persona_max_tokens=120, gold_max_tokens=96,
-                   answer_max_tokens=48, select_answer_max_tokens=96, train_batch_size=1, lora_r=8, lora_dropout=0.0,
-                   eval_answer_max_tokens=48, final_max_tokens=96, judge_max_tokens=64, eval_batch_size=16),
+                   answer_max_tokens=48, select_answer_max_tokens=96, train_batch_size=1, lora_r=8,
+                   lora_dropout=0.0, eval_answer_max_tokens=48, final_max_tokens=96, judge_max_tokens=64,
+                   eval_batch_size=16),
     "toy": Preset(SMOL, quantized=False, batch_tokens=32768, local_oracle=False, local_judge=False,
-                  local_roleplayer=False, question_max_tokens=24, select_answer_max_tokens=40, train_batch_size=1, lora_r=8,
-                  lora_dropout=0.0, gradient_checkpointing=False, eval_question_max_tokens=24, final_max_tokens=40),
+                  local_roleplayer=False, question_max_tokens=24, select_answer_max_tokens=40, train_batch_size=1,
+                  lora_r=8, lora_dropout=0.0, gradient_checkpointing=False, eval_question_max_tokens=24,
+                  final_max_tokens=40),
     "laptop": Preset(MISTRAL, train_batch_size=4),
     "paper": Preset(MISTRAL, roleplayer=MIXTRAL, local_oracle=False, local_judge=False),
 }
@@ -345,8 +348,9 @@ def plan(p: Preset, cache_dir) -> list[dict]:
     rows = []
     for call in heavy_calls(p, tokenizer):
         sizes = call_size(call, tokenizer, p.max_length)
-        if call["kind"] != "train":  # the token budget splits a batch of long rows (models.token_batches)
-            sizes = (min(sizes[0], max(1, p.batch_tokens // (sizes[1] + sizes[2]))), *sizes[1:])
+        if call["kind"] != "train":  # the token budget splits a batch of long rows: its first batch is the peak
+            n, length = sizes[0], sizes[1] + sizes[2]
+            sizes = (len(token_batches(list(range(n)), [length] * n, n, p.batch_tokens)[0]), *sizes[1:])
         simulating = call["step"][:2] in ("02", "05")
         held = q.weights() + (r.weights() if r and simulating else 0) + (merged_copy if simulating else 0)
         terms = call_terms(call, sizes, p, r if r and "answers, turn" in call["step"] else q, held)
@@ -412,7 +416,8 @@ def main():
     parser.add_argument("--measured", help="bench/gpu.py's results.json: its laptop peaks beside the plan")
     args = parser.parse_args()
     plans = {name: plan(PRESETS[name], args.cache_dir) for name in args.presets}
-    measured = {"tiny": "CPU RSS 2.4-2.8 GB (docs/EXPERIMENTS.md)", "toy": "CPU RSS 3.1-3.5 GB (docs/EXPERIMENTS.md)"}
+    measured = {"tiny": "CPU RSS 2.4-2.8 GB (docs/EXPERIMENTS.md)",
+                "toy": "CPU RSS 3.1-3.5 GB (docs/EXPERIMENTS.md)"}
     if args.measured:
         results = json.loads(Path(args.measured).read_text())
         peaks = {}  # the Mistral-shaped model's highest measured peak per kind of call
