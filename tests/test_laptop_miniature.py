@@ -1,9 +1,13 @@
 """The `laptop` preset as a user runs it, in miniature on the CPU: `bash run_all.sh laptop` end to end, with the
 preset's 4-bit loading (its MODEL_FLAGS: --load_in_4bit yes) and QLoRA training path (prepare_model_for_kbit_training,
 gradient checkpointing, LoRA on the NF4 base), on the random-weight Mistral-7B-Instruct stand-in
-(tests/mistral_standin.py: Mistral's architecture and strict chat template) as QUESTIONER. Without
-OPENAI_API_KEY the preset runs every role on that one local copy. Sizes and token caps are the smoke preset's,
-through run_all.sh's environment overrides. Random weights write garbage: this checks the plumbing, not quality."""
+(tests/mistral_standin.py: Mistral's architecture and strict chat template) as QUESTIONER, which the preset's
+Roleplayer shares (one 4-bit copy). With OPENAI_API_KEY set, as here, the preset's Oracle and Judge are
+`openai:gpt-4o`: they go to a real llama.cpp server on 127.0.0.1 (OPENAI_BASE_URL; it serves the embedded
+model under whatever model name is asked for) with a dummy key. Without a key the preset puts them on the
+Questioner's copy too (tests/test_settings.py checks that wiring). Sizes and token caps are the smoke
+preset's, through run_all.sh's environment overrides. Random weights write garbage: this checks the plumbing,
+not quality."""
 
 import json
 import os
@@ -12,12 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from llama_server import llama_server, require_llama_server
 from mistral_standin import build_standin
 
 import models
 from utils import load_pairs, read_jsonl
 
 bnb = pytest.importorskip("bitsandbytes")
+GGUF = require_llama_server()
 
 REPO = Path(__file__).resolve().parents[1]
 ITERATIONS, N = 2, 2
@@ -35,7 +41,8 @@ MINIATURE = {
     "EVAL_FLAGS": "--final_max_tokens 16 --judge_max_tokens 8",
 }
 # What the run must not take from the caller's environment: the preset's own values and defaults are tested.
-UNSET = ("OPENAI_API_KEY", "ROLEPLAYER", "ORACLE", "JUDGE", "EVAL_N", "MODEL_FLAGS", "SEED", "DTYPE")
+UNSET = ("OPENAI_BASE_URL", "ROLEPLAYER", "ORACLE", "JUDGE", "EVAL_N", "MODEL_FLAGS", "SEED", "DTYPE")
+DUMMY_KEY = "sk-dummy-laptop-miniature-not-a-real-key"
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +52,11 @@ def laptop(tmp_path_factory, model_cache):
     standin = build_standin(root / "standin", models.embedded_model_dir(model_cache))
     # A cache of the run's own: the stand-in's Oracle and Judge calls stay out of the shared model cache.
     env = {k: v for k, v in os.environ.items() if k not in UNSET}
-    env.update(MINIATURE, QUESTIONER=f"hf:{standin}", RUN_DIR=str(root / "run"), CACHE_DIR=str(root / "cache"))
-    done = subprocess.run(["bash", "run_all.sh", "laptop"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=1500)
+    env.update(MINIATURE, QUESTIONER=f"hf:{standin}", RUN_DIR=str(root / "run"), CACHE_DIR=str(root / "cache"),
+               OPENAI_API_KEY=DUMMY_KEY)
+    with llama_server(GGUF, root / "server.log") as base_url:
+        done = subprocess.run(["bash", "run_all.sh", "laptop"], cwd=REPO, env={**env, "OPENAI_BASE_URL": base_url},
+                              capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return root / "run", standin, done.stdout
 
@@ -75,9 +84,12 @@ def test_every_step_loaded_the_standin_in_4bit_as_the_preset_does(laptop):
         f"iter{t}/args_0{s}.json" for t in range(ITERATIONS) for s in ("2_simulate", "3_select", "4_train"))
     for name, recorded in args.items():
         assert recorded["load_in_4bit"] == "yes" and recorded["batch_tokens"] == 16384, name  # laptop's MODEL_FLAGS
-        # No API key: every role is the stand-in; roles naming one spec share one loaded copy (models.ModelPool).
-        roles = {r: recorded[r] for r in ("questioner", "roleplayer", "oracle", "judge") if r in recorded}
-        assert roles and set(roles.values()) == {spec}, name
+        # Questioner and Roleplayer name the stand-in (one loaded copy, models.ModelPool); with a key, the Oracle
+        # and the Judge are the preset's API model, here the llama.cpp server.
+        local = {recorded[r] for r in ("questioner", "roleplayer") if r in recorded}
+        assert local == ({spec} if name.startswith("iter") or "eval" in name else set()), name
+        assert {recorded[r] for r in ("oracle", "judge") if r in recorded} <= {"openai:gpt-4o"}, name
+    assert args["data/args_01_generate.json"]["oracle"] == args["eval/args_05_eval.json"]["judge"] == "openai:gpt-4o"
     for t in range(ITERATIONS):  # QLoRA as the laptop preset trains: its LoRA settings, gradient checkpointing
         train = args[f"iter{t}/args_04_train.json"]
         assert train["gradient_checkpointing"] and train["lora_r"] == 16 and train["lora_dropout"] == 0.05
@@ -135,3 +147,17 @@ def test_the_adapters_of_m1_and_m2_load_onto_the_4bit_base(laptop, model_cache):
         assert q_proj.lora_B[name].weight.abs().max() > 0  # trained: LoRA's B starts at zero
         with torch.no_grad():
             assert not torch.allclose(model(input_ids=ids).logits, plain)
+
+
+def test_the_api_roles_answered_and_the_key_stayed_out_of_the_files(laptop):
+    run = laptop[0]
+    gold = read_jsonl(run / "data" / "gold.jsonl", "gold")
+    assert gold and all(g["gold"].strip() for g in gold)  # the Oracle's answers came from the server
+    judgments = [j for t in range(1, ITERATIONS + 1) for j in read_jsonl(run / "eval" / f"m{t}" / "judgments.jsonl",
+                                                                          "judgment")]
+    assert judgments and all(j["judge"] == "openai:gpt-4o" for j in judgments)
+    cache = run.parent / "cache"
+    assert list(cache.glob("*calls*.jsonl")), sorted(p.name for p in cache.iterdir())  # API calls are cached
+    for path in [*run.rglob("*"), *cache.rglob("*")]:
+        if path.is_file():
+            assert DUMMY_KEY.encode() not in path.read_bytes(), path
