@@ -91,8 +91,9 @@ case "$PRESET" in
   *) echo "unknown preset '$PRESET': use tiny, toy, laptop, paper (or smoke, for the tests)" >&2; exit 2 ;;
 esac
 PRESET_QUESTIONER=$QUESTIONER
-for var in $OVERRIDABLE; do
-  override="OVERRIDE_$var"; [ -z "${!override+set}" ] || printf -v "$var" '%s' "${!override}"
+for var in $OVERRIDABLE; do  # said aloud: a variable left in the shell must not change a run unnoticed
+  override="OVERRIDE_$var"
+  [ -z "${!override+set}" ] || { printf -v "$var" '%s' "${!override}"; echo "from the environment: $var=${!var}"; }
 done
 for role in ROLEPLAYER ORACLE JUDGE; do  # the preset's roles on the Questioner's model follow an overridden one
   override="OVERRIDE_$role"

@@ -49,7 +49,9 @@ def dry_run(tmp_path, preset, **overrides) -> list[list[str]]:
     shim.chmod(0o755)
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", RUN_DIR=str(tmp_path / preset),
                CACHE_DIR=str(tmp_path / "cache"), **overrides)
-    subprocess.run(["bash", "run_all.sh", preset], cwd=REPO, env=env, check=True, capture_output=True, timeout=60)
+    done = subprocess.run(["bash", "run_all.sh", preset], cwd=REPO, env=env, check=True, capture_output=True,
+                          text=True, timeout=60)
+    (tmp_path / f"{preset}.out").write_text(done.stdout)
     return [json.loads(line) for line in log.read_text().splitlines()]
 
 
@@ -93,6 +95,9 @@ def test_the_environment_overrides_a_presets_values(tmp_path):
     assert all(flag(c, "--n_conversations") == "2" for c in calls if "--n_conversations" in c)  # EVAL_N follows N
     train = next(c for c in calls if c[0] == "04_train.py")
     assert "--batch_size" not in train and flag(train, "--load_in_4bit") == "yes"  # MODEL_FLAGS: the preset's
+    said = [line for line in (tmp_path / "laptop.out").read_text().splitlines() if "from the environment" in line]
+    assert said == ["from the environment: QUESTIONER=hf:/models/other-7b", "from the environment: N_TASKS=3 3 2",
+                    "from the environment: N=2", "from the environment: TRAIN_FLAGS="]  # none changes a run unsaid
     # A role set apart stays apart; the toy preset's base model is built only for its own Questioner.
     calls = dry_run(tmp_path, "toy", QUESTIONER="hf:/models/small", JUDGE="openai:gpt-4o", EVAL_N="1")
     assert calls[0][0] == "01_generate.py" and flag(calls[0], "--oracle") == "scripted:data/toy"
