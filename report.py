@@ -215,31 +215,47 @@ def load_metrics(run_dir) -> dict | None:
 TABLE_BEGIN, TABLE_END = "<!-- results table: begin -->", "<!-- results table: end -->"
 
 
+# Two-sided 95% quantiles of Student's t by degrees of freedom: the interval of a mean over a few seeds.
+T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}
+
+
+def across_seeds(values: list[float]) -> tuple[float, list]:
+    """Mean over runs (one per seed) and its 95% t-interval: the seed-to-seed spread, training's noise included,
+    which an interval over one run's test pairs does not see."""
+    n, mean = len(values), sum(values) / len(values)
+    if n < 2:
+        return mean, [None, None]
+    half = T95.get(n - 1, 1.96) * (sum((v - mean) ** 2 for v in values) / (n - 1) / n) ** 0.5
+    return mean, [mean - half, mean + half]
+
+
 def results_table(runs: list[str]) -> str:
-    """Markdown tables of evaluated runs (one per seed, say): the method's models, then its ablations (the
-    folders <run>-gold and <run>-none, where evaluated), each cell from the run's metrics.json, stamped with
-    the commit and machine the numbers came from."""
+    """Markdown tables of evaluated runs (one per seed, say): per run the method's trained models beside m0, a
+    row of their mean over the runs, then the ablations (the folders <run>-gold and <run>-none, where evaluated),
+    each cell from the runs' metrics.json, stamped with the commit and machine the numbers came from."""
     found = [(run, load_metrics(run)) for run in runs]
     missing = [run for run, m in found if m is None]
     if missing:
         raise SystemExit(f"error: {missing[0]}/eval/metrics.json: file not found; run 05_eval.py (run_all.sh) first")
     lines = ["| run | seed | model | win rate vs m0 % [95% CI] | wins / ties / losses | m_t asks, m0 answers % "
-             "| gold log-prob m_t - m0 [95% CI] | questions (about a relevant attribute) | no answer "
-             "| revealed values used | values never told | *paper win rate* |", "|---" * 12 + "|"]
-    ablation_lines = []
+             "| gold log-prob m_t - m0 [95% CI] | questions (about a relevant attribute), m0 -> m_t | no answer "
+             "| revealed values used, m0 -> m_t | values never told | *paper win rate* |", "|---" * 12 + "|"]
+    ablation_lines, per_model = [], {}
     for run, metrics in found:
+        m0 = metrics["models"]["m0"]
         for name, m in sorted(metrics["models"].items()):
-            q, a = m["diagnostics"], m.get("answers", {})
-            w, asks, gain = m.get("win_rate"), m.get("asks_only"), m.get("gain_over_m0")
-            relevant = f" ({pct(q['attribute_hit_rate'])})" if "attribute_hit_rate" in q else ""
-            tally = f"{w['wins']} / {w['ties']} / {w['losses']}" if w else "-"
+            if name == "m0":
+                continue
+            q, a, w, asks, gain = m["diagnostics"], m["answers"], m["win_rate"], m["asks_only"], m["gain_over_m0"]
+            questions = " -> ".join(pct(d["question_rate"]) + (f" ({pct(d['attribute_hit_rate'])})"
+                                                               if "attribute_hit_rate" in d else "")
+                                    for d in (m0["diagnostics"], q))
+            per_model.setdefault(name, []).append((w, asks, gain))
             lines.append(
-                f"| {run} | {metrics.get('seed', '-')} | {name} "
-                f"| {fmt(w['win_rate']) + ' ' + fmt_ci(w['ci95']) if w else '-'} "
-                f"| {tally} "
-                f"| {fmt(asks['win_rate']) if asks else '-'} "
-                f"| {fmt(gain['mean'], 2) + ' ' + fmt_ci(gain['ci95'], 2) if gain else '-'} "
-                f"| {pct(q['question_rate'])}{relevant} | {pct(a.get('no_answer'))} | {pct(a.get('revealed_used'))} "
+                f"| {run} | {metrics.get('seed', '-')} | {name} | {fmt(w['win_rate'])} {fmt_ci(w['ci95'])} "
+                f"| {w['wins']} / {w['ties']} / {w['losses']} | {fmt(asks['win_rate'])} "
+                f"| {fmt(gain['mean'], 2)} {fmt_ci(gain['ci95'], 2)} | {questions} | {pct(a.get('no_answer'))} "
+                f"| {pct(m0['answers'].get('revealed_used'))} -> {pct(a.get('revealed_used'))} "
                 f"| {pct(a.get('hallucinated'))} | *{fmt(PAPER['win_rate'].get(int(name[1:])))}* |")
         for target in ("gold", "none"):
             other = load_metrics(f"{run}-{target}")
@@ -254,6 +270,14 @@ def results_table(runs: list[str]) -> str:
                     f"{fmt_ci(w['ci95'])} | {fmt(gain['mean'], 2)} {fmt_ci(gain['ci95'], 2)} "
                     f"| {pct(a.get('no_answer'))} | {pct(a.get('hallucinated'))} "
                     f"| *{fmt(PAPER['ablations'][target].get(int(name[1:])))}* |")
+    if len(found) > 1:
+        for name, rows in sorted(per_model.items()):
+            (win, win_ci), (asks, _), (gain, gain_ci) = (across_seeds([r[i][key] for r in rows]) for i, key in
+                                                         ((0, "win_rate"), (1, "win_rate"), (2, "mean")))
+            tally = " / ".join(str(sum(r[0][key] for r in rows)) for key in ("wins", "ties", "losses"))
+            lines.append(f"| mean of {len(rows)} runs | - | {name} | {fmt(win)} {fmt_ci(win_ci)} | {tally} "
+                         f"| {fmt(asks)} | {fmt(gain, 2)} {fmt_ci(gain_ci, 2)} | | | | "
+                         f"| *{fmt(PAPER['win_rate'].get(int(name[1:])))}* |")
     if ablation_lines:
         lines += ["", "| run | seed | trained on | model | win rate vs m0 % [95% CI] | gold log-prob m_t - m0 [95% CI] "
                   "| no answer | values never told | *paper win rate* |", "|---|---|---|---|---|---|---|---|---|"]
@@ -261,7 +285,8 @@ def results_table(runs: list[str]) -> str:
     stamps = sorted({(m["provenance"]["commit"] + ("+changes" if m["provenance"]["uncommitted_changes"] else ""),
                       m["provenance"]["machine"], m["provenance"]["date"]) for _, m in found if "provenance" in m})
     lines += ["", "Generated by `python report.py " + " ".join(runs) + "` from the runs' metrics.json; "
-              + "; ".join(f"commit {c}, {machine}, {date}" for c, machine, date in stamps) + "."]
+              + "; ".join(f"commit {c}, {machine}, {date}" for c, machine, date in stamps) + ". Mean of runs: "
+              "over seeds, with a 95% t-interval across them (tallies summed)."]
     return "\n".join(lines) + "\n"
 
 

@@ -95,11 +95,22 @@ def test_results_tables_come_from_the_runs_metrics_and_say_where_they_came_from(
     assert text.startswith("intro\n<!-- results table: begin -->\n")
     assert text.endswith("<!-- results table: end -->\noutro\n")
     assert "the previous table" not in text
-    assert ("| toy | 0 | m1 | 61.0 [55.0, 67.0] | 30 / 80 / 10 | 58.0 | 1.25 [0.50, 2.00] | 90% (30%) | 5% | 70% "
-            "| 1% |") in text
+    assert ("| toy | 0 | m1 | 61.0 [55.0, 67.0] | 30 / 80 / 10 | 58.0 | 1.25 [0.50, 2.00] | 80% (20%) -> 90% (30%) "
+            "| 5% | 67% -> 70% | 1% |") in text  # m_t beside m0
     assert "| toy-seed1 | 1 | m1 | 47.5 [55.0, 67.0]" in text
+    # The two seeds' mean, with a t-interval (1 degree of freedom: 12.71 x 6.75) across them; tallies summed.
+    assert "| mean of 2 runs | - | m1 | 54.2 [-31.5, 140.0] | 60 / 160 / 20 | 58.0 | 1.25 [1.25, 1.25] |" in text
     assert "| toy-none | 0 | none | m1 | 40.0 [55.0, 67.0]" in text  # the ablation found beside its run
     assert "commit abc1234, Some CPU, 2 cores, 2026-12-02" in text
     missing = subprocess.run([sys.executable, str(REPO / "report.py"), "nowhere"], cwd=tmp_path, capture_output=True,
                              text=True, timeout=120)
     assert missing.returncode != 0 and "nowhere/eval/metrics.json: file not found" in missing.stderr
+
+
+def test_the_mean_over_seeds_has_a_t_interval_that_widens_with_their_spread():
+    from report import across_seeds
+
+    mean, ci = across_seeds([1.0, 2.0, 3.0])  # sd 1, 2 degrees of freedom: 4.30 / sqrt(3)
+    assert mean == 2.0 and ci == pytest.approx([2 - 4.30 / 3 ** 0.5, 2 + 4.30 / 3 ** 0.5])
+    assert across_seeds([2.0, 2.0, 2.0]) == (2.0, [2.0, 2.0])
+    assert across_seeds([5.0]) == (5.0, [None, None])  # one run: no spread to measure
