@@ -97,7 +97,7 @@ def main():
     pool = model_args.pool()
 
     # 1. Score every conversation by log p_BASE(gold | the Questioner's prompt, the conversation, the task).
-    scorer = pool.local(args.questioner)
+    scorer = pool.scorer(args.questioner)
 
     def score_records(_, chunk, keys):
         results = gold_logprob(scorer, [pairs[k[:2]] for k in keys], [c["messages"] for c in chunk], args.batch_size)

@@ -280,7 +280,7 @@ def main():
 
     pool = model_args.pool()
     roleplayer = pool.chat(args.roleplayer)
-    scorer = pool.local(args.questioner)
+    scorer = pool.scorer(args.questioner)
     base = pool.chat(args.questioner)
 
     # 1-3. Each model converses with the Roleplayer on every test pair, is scored, and answers after its first
