@@ -692,7 +692,7 @@ class ServerScorer:
     def __init__(self, spec, tokenizer_spec, cache_dir="cache", trust_remote_code=False, concurrency=8):
         from transformers import AutoConfig, AutoTokenizer
 
-        kind, name, base_url = parse_spec(spec)
+        _, name, base_url = parse_spec(spec)
         if parse_spec(tokenizer_spec)[0] not in ("embedded", "hf"):
             raise StepError(f"--tokenizer must name a local model's tokenizer, 'embedded' or 'hf:<hub id or path>' "
                             f"(got {tokenizer_spec!r})")
@@ -739,6 +739,12 @@ class ServerScorer:
     def one(self, prompt_ids, response_ids) -> float:
         """The summed log-prob of response_ids after prompt_ids, from one request."""
         ids = prompt_ids + response_ids
+        if not self.token_ids and ids[0] != self.tokenizer.bos_token_id:
+            # llama-cpp-python pairs the echoed token i with the log-probs computed after token i, and shifts them
+            # back into place by dropping the first token only when it is BOS: otherwise every value is one off.
+            raise StepError(f"{self.server.base_url} takes text prompts (llama.cpp), whose echoed log-probs are right "
+                            "only for prompts that begin with the BOS token, and this chat template's do not; "
+                            "score on vLLM, or locally")
         with self.server.errors(1):
             reply = self.request(ids if self.token_ids else self.tokenizer.decode(ids))
         logprobs, texts = prompt_tail(reply, ids, len(response_ids))
