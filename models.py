@@ -754,9 +754,8 @@ class ServerScorer:
 
     def request(self, prompt) -> dict:
         body = scoring_request(prompt)
-        prompt_logprobs = body.pop("prompt_logprobs")  # not a field of the openai client: sent as an extra field
-        return self.server.client.completions.create(model=self.server.model, **body,
-                                                     extra_body={"prompt_logprobs": prompt_logprobs}).model_dump()
+        extra = {"prompt_logprobs": body.pop("prompt_logprobs")} if "prompt_logprobs" in body else None  # vLLM's own
+        return self.server.client.completions.create(model=self.server.model, **body, extra_body=extra).model_dump()
 
     def check_tokens(self, ids, texts):
         """The server tokenized our text as our tokenizer did: each scored token reads the same. Special tokens

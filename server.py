@@ -77,20 +77,19 @@ def takes_token_ids(client) -> bool:
 
 
 def scoring_request(prompt) -> dict:
-    """The body of POST /v1/completions that returns the log-prob of every prompt token.
+    """The body of POST /v1/completions that returns the log-prob of every prompt token; one token is generated
+    (max_tokens 0 would mean "up to the context" on llama.cpp).
 
-    prompt: our token ids (vLLM takes them as is), or their text for a server that takes text only.
-    Both servers' ways of asking are sent; each ignores the other's field:
-        vLLM       "prompt_logprobs": 0  -> choices[0].prompt_logprobs: one entry per prompt token, None for the
-                                            first, else {"<token id>": {"logprob", "rank", "decoded_token"}}
-                                            (0: no alternatives, only the prompt's own token)
-        llama.cpp  "echo": true, "logprobs": 0 (the server needs logits_all, its default)
-                                         -> choices[0].logprobs: {"tokens": [text of each token],
-                                            "token_logprobs": [None, ...]}, prompt then generated tokens,
-                                            leaving out every token whose id is the model's BOS id
-    One token is generated (max_tokens 0 means "up to the context" on llama.cpp).
+    prompt: our token ids, for a server that takes them (vLLM), or their text (llama.cpp's Python server):
+        vLLM       {"prompt": [ids], "prompt_logprobs": 0}
+                   -> choices[0].prompt_logprobs: one entry per prompt token, None for the first, else
+                      {"<token id>": {"logprob", "rank", "decoded_token"}} (0: only the prompt's own token)
+        llama.cpp  {"prompt": "text", "echo": true, "logprobs": 0}  (the server needs logits_all, its default)
+                   -> choices[0].logprobs: {"tokens": [text of each token], "token_logprobs": [None, ...]}:
+                      the prompt's tokens then the generated one, leaving out every token whose id is BOS
     """
-    return {"prompt": prompt, "max_tokens": 1, "temperature": 0.0, "echo": True, "logprobs": 0, "prompt_logprobs": 0}
+    body = {"prompt": prompt, "max_tokens": 1, "temperature": 0.0}
+    return body | ({"prompt_logprobs": 0} if isinstance(prompt, list) else {"echo": True, "logprobs": 0})
 
 
 def prompt_tail(reply: dict, prompt_ids: list[int], n_tail: int) -> tuple[list[float], list[str] | None]:
