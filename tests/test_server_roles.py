@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TRAIN_QUESTION, train_prompt
+from fault_proxy import FaultProxy
 from llama_server import llama_server, require_llama_server
 from mistral_standin import MISTRAL_V02_TEMPLATE
 
@@ -101,6 +102,18 @@ def test_server_scores_equal_local_scores_and_rank_a_pairs_conversations_alike(s
     assert len(calls) == len(contexts) and DUMMY_KEY not in "".join(calls)
     assert ServerScorer("openai:smollm@" + server, "embedded", cache).score(contexts, golds) == remote
     assert len((cache / "scorer_calls.jsonl").read_text().splitlines()) == len(contexts)
+
+
+def test_scoring_calls_are_retried_through_faults_and_paid_for_once(server, lm, cache):
+    """Behind a proxy that fails most requests before they reach the server (429, 500, 503, dropped
+    connections; tests/fault_proxy.py), the scorer's calls are retried as the other openai: calls are."""
+    contexts, golds = toy_pairs()
+    with FaultProxy(server, fault_rate=0.6, kinds=("429", "500", "503", "drop"), seed=3) as faulty:
+        scored = ServerScorer("openai:smollm@" + faulty.base_url, "embedded", cache).score(contexts[:1], golds[:1])
+        stats = faulty.stats()
+    assert stats["faulted"] >= 2 and list(stats["completed_by_body"].values()) == [1], stats  # paid for once
+    for (logprob, n, _), (expected, m, _) in zip(scored, lm.score(contexts[:1], golds[:1])):
+        assert n == m and abs(logprob - expected) <= TOLERANCE_PER_TOKEN * n
 
 
 def test_a_tokenizer_that_is_not_the_servers_is_one_clear_error(server, cache, tmp_path):
