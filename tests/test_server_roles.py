@@ -86,7 +86,7 @@ def test_server_scores_equal_local_scores_and_rank_a_pairs_conversations_alike(s
     assert worst <= TOLERANCE_PER_TOKEN, [(r[0], l[0]) for r, l in zip(remote, local)]
     # A pair's conversations rank alike: every two whose local scores differ by more than both errors can
     # (2 x the tolerance) are in the same order on the server. Closer ones (the two uninformative dialogues of a
-    # pair differ by ~0.3 nats) may swap: the quantisation error is as large.
+    # pair are often within a nat) may swap: the quantisation error is of that size.
     for i in range(0, len(contexts), 3):
         for a in range(i, i + 3):
             for b in range(a + 1, i + 3):
