@@ -42,8 +42,9 @@ def serve_adapter(client, name: str, path) -> str:
     lists the model_alias of each model in its --config_file, vLLM its base model, the --lora-modules it started
     with and the adapters loaded since. When the name is missing, ask vLLM to load it:
         POST /v1/load_lora_adapter  {"lora_name": name, "lora_path": folder}  -> 200 "Success: LoRA adapter ..."
-    which vLLM offers only when started with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (else 404);
-    it answers 400 when LoRA is off or it cannot read the folder, which must be a path on the server's machine.
+    which vLLM offers only when started with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (else 404
+    "Not Found"); it answers 404 "No adapter found ..." when it cannot read the folder (a path on the server's
+    machine) and 400 for the rest (LoRA off, a rank above --max-lora-rank, ...).
     """
     import openai
 
@@ -54,14 +55,17 @@ def serve_adapter(client, name: str, path) -> str:
     folder = str(Path(path).resolve())
     try:
         client.post("/load_lora_adapter", body={"lora_name": served, "lora_path": folder}, cast_to=str)
-    except openai.NotFoundError:
+    except openai.NotFoundError as error:
+        if "no adapter found" in str(error).lower():
+            raise StepError(f"{client.base_url} cannot read the adapter folder {folder} (404: {str(error)[:200]}); "
+                            "the server must see that same path (the same machine, or a shared file system)") from None
         raise StepError(f"{client.base_url} cannot load LoRA adapters at run time (POST /v1/load_lora_adapter: 404) "
                         f"and does not list {served!r} in /v1/models: start vLLM with --enable-lora and "
                         "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, or serve the adapter under that name") from None
     except openai.BadRequestError as error:
         raise StepError(f"{client.base_url} refused to load the adapter {folder} as {served!r} (400: "
-                        f"{str(error)[:300]}); the server must run with --enable-lora (and --max-lora-rank at least "
-                        "the adapter's rank) and read the folder at that same path") from None
+                        f"{str(error)[:300]}); the server must run with --enable-lora and --max-lora-rank at least "
+                        "the adapter's rank, and read the folder at that same path") from None
     return served
 
 
