@@ -28,7 +28,9 @@ from utils import (StepError, load_pairs, parse_args, questioner_adapter, record
 class Args:
     run_dir: str = field(default="runs/tiny", metadata={"help": "folder of this run (made by 01_generate.py)"})
     iteration: int = field(default=0, metadata={"help": "t: simulate with Q_t (the base model at t = 0)"})
-    questioner: str = field(default="embedded", metadata={"help": "Q_BASE model spec (paper: Mistral-7B-Instruct)"})
+    questioner: str = field(default="embedded", metadata={
+        "help": "Q_BASE model spec (paper: Mistral-7B-Instruct); openai:<base model>@<url>: Q_t asks on that server "
+                "as the base with its adapter (docs/CLUSTER.md)"})
     roleplayer: str = field(default="embedded", metadata={"help": "Roleplayer spec (paper: Mixtral-8x7B-Instruct)"})
     n_conversations: int = field(default=10, metadata={"help": "N conversations per pair (paper: 10)"})
     seed: int = field(default=0, metadata={"help": "seeds turn counts and sampling"})

@@ -40,7 +40,9 @@ split_of_iteration = importlib.import_module("02_simulate").split_of_iteration  
 class Args:
     run_dir: str = field(default="runs/tiny", metadata={"help": "folder of this run"})
     iteration: int = field(default=0, metadata={"help": "t: select from the conversations of Q_t"})
-    questioner: str = field(default="embedded", metadata={"help": "Q_BASE model spec (scores; with adapter m_t, answers)"})
+    questioner: str = field(default="embedded", metadata={
+        "help": "Q_BASE model spec (scores; with adapter m_t, answers); openai:<base model>@<url>: both on that "
+                "server, with --tokenizer (docs/CLUSTER.md)"})
     n_conversations: int = field(default=10, metadata={"help": "N: use conversations 0..N-1 of each pair"})
     top_k: int = field(default=1, metadata={"help": "k conversations kept per pair (paper: 1)"})
     target: str = field(default="own", metadata={
@@ -97,7 +99,7 @@ def main():
     pool = model_args.pool()
 
     # 1. Score every conversation by log p_BASE(gold | the Questioner's prompt, the conversation, the task).
-    scorer = pool.local(args.questioner)
+    scorer = pool.scorer(args.questioner)
 
     def score_records(_, chunk, keys):
         results = gold_logprob(scorer, [pairs[k[:2]] for k in keys], [c["messages"] for c in chunk], args.batch_size)

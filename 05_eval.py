@@ -42,7 +42,9 @@ gold_logprob = importlib.import_module("03_select").gold_logprob  # the reward, 
 class Args:
     run_dir: str = field(default="runs/tiny", metadata={"help": "folder of this run"})
     iterations: int = field(default=2, metadata={"help": "T: evaluate m0 .. mT (paper: 3)"})
-    questioner: str = field(default="embedded", metadata={"help": "Q_BASE model spec"})
+    questioner: str = field(default="embedded", metadata={
+        "help": "Q_BASE model spec; openai:<base model>@<url>: m_t asks and Q_BASE scores on that server, with "
+                "--tokenizer (docs/CLUSTER.md)"})
     roleplayer: str = field(default="embedded", metadata={
         "help": "Roleplayer for the test conversations; may differ from training (generalisation test)"})
     judge: str = field(default="embedded", metadata={"help": "Judge model spec (paper: GPT-4)"})
@@ -280,7 +282,7 @@ def main():
 
     pool = model_args.pool()
     roleplayer = pool.chat(args.roleplayer)
-    scorer = pool.local(args.questioner)
+    scorer = pool.scorer(args.questioner)
     base = pool.chat(args.questioner)
 
     # 1-3. Each model converses with the Roleplayer on every test pair, is scored, and answers after its first

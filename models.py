@@ -9,6 +9,8 @@ A model spec names where a role's model lives:
     human                 a person at the terminal plays the Roleplayer or the Judge (human.py), not a model
 Roles that name the same local model share one loaded copy (a `ModelPool`), so a 7B Questioner and
 Roleplayer fit one GPU: LoRA adapters are attached by name and switched off for roles that need the base.
+A Questioner on a server (`openai:<base model>`) asks as the server's model named for its adapter, and Q_BASE
+scores there too (`ServerScorer`, with our own tokenizer: --tokenizer); docs/CLUSTER.md shows the commands.
 How every step loads local models is one dataclass, `ModelSettings`, parsed beside each step's own Args.
 """
 
@@ -30,6 +32,7 @@ from tqdm.auto import tqdm
 from decoding import generate_batch, plan_prefill, score_batch
 from human import HumanChat
 from scripted import ScriptedChat
+from server import prompt_tail, scoring_request, serve_adapter, takes_token_ids
 from utils import StepError, append_jsonl, read_partial
 
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -62,10 +65,15 @@ class ModelSettings:
         "help": "most tokens in one batch of a local model, counted as rows x the longest row (prompt + new "
                 "tokens): a long prompt runs in a smaller batch, alone if need be, so this bounds the peak memory "
                 "of generation and scoring; 0: no bound (only the steps' --batch_size)"})
+    tokenizer: str = dataclasses.field(default="", metadata={
+        "help": "with a Questioner on a server (openai:...): the spec of the model it serves ('embedded' or "
+                "'hf:<hub id or path>'), whose tokenizer (and context length) Q_BASE scoring uses, so that the "
+                "server scores exactly the tokens a local model would"})
 
     def pool(self) -> "ModelPool":
         """The ModelPool that loads each role's local model with these settings."""
-        return ModelPool(self.cache_dir, self.load_in_4bit, self.trust_remote_code, self.dtype, self.batch_tokens)
+        return ModelPool(self.cache_dir, self.load_in_4bit, self.trust_remote_code, self.dtype, self.batch_tokens,
+                         self.tokenizer)
 
 
 def parse_spec(spec: str):
@@ -274,6 +282,23 @@ def cut_middle(ids: list, room: int) -> list:
     return ids[:head] + ids[len(ids) - (room - head):]
 
 
+def fit_scored(prompt_ids, response_ids, context_length: int | None):
+    """(prompt, response, truncated) within the context. The prompt loses its middle first; a response
+    longer than half the context keeps only its head, and n_tokens then says how much was scored."""
+    n = context_length
+    if n is None or len(prompt_ids) + len(response_ids) <= n:
+        return prompt_ids, response_ids, False
+    prompt_ids = cut_middle(prompt_ids, max(n - len(response_ids), n // 2))
+    return prompt_ids, response_ids[:n - len(prompt_ids)], True
+
+
+def model_context(config) -> int | None:
+    """The most positions a model was trained for (its config's max_position_embeddings), or the shorter
+    STARGATE_CONTEXT_LENGTH; None if neither says."""
+    limits = [n for n in (getattr(config, "max_position_embeddings", None), context_override()) if n]
+    return min(limits) if limits else None
+
+
 def context_override() -> int | None:
     """STARGATE_CONTEXT_LENGTH, if set: a context shorter than the model's (tests; less memory)."""
     value = os.environ.get("STARGATE_CONTEXT_LENGTH")
@@ -318,8 +343,7 @@ class LocalLM:
         # The most positions the model was trained for (prompt + new tokens). Past it a model does not
         # raise, it writes garbage; so prompts that do not fit lose their middle (cut_middle), and the
         # steps record that in a "truncated" field.
-        limits = [n for n in (getattr(self.model.config, "max_position_embeddings", None), context_override()) if n]
-        self.context_length = min(limits) if limits else None
+        self.context_length = model_context(self.model.config)
         self.min_shared = 8  # prompt prefixes shared by this many tokens are prefilled once (0: never)
         self.merge_adapters = (getattr(self.model.config, "quantization_config", None) is None
                                and self.model.num_parameters() <= MERGE_MAX_PARAMS)
@@ -438,7 +462,7 @@ class LocalLM:
         (batch_order), shared prompt prefixes run once, and logits are computed only at the response
         positions (decoding.score_batch).
         """
-        pairs = [self.fit_scored(*encode_chat(self.tokenizer, p, r, self.system_ok))
+        pairs = [fit_scored(*encode_chat(self.tokenizer, p, r, self.system_ok), self.context_length)
                  for p, r in zip(prompts, responses)]
         batches = self.batches([p for p, _, _ in pairs], [len(p) + len(r) for p, r, _ in pairs], batch_size)
         results = [None] * len(pairs)
@@ -450,23 +474,14 @@ class LocalLM:
                     results[i] = (logprob, len(pairs[i][1]), pairs[i][2])
         return results
 
-    def fit_scored(self, prompt_ids, response_ids):
-        """(prompt, response, truncated) within the context. The prompt loses its middle first; a response
-        longer than half the context keeps only its head, and n_tokens then says how much was scored."""
-        n = self.context_length
-        if n is None or len(prompt_ids) + len(response_ids) <= n:
-            return prompt_ids, response_ids, False
-        prompt_ids = cut_middle(prompt_ids, max(n - len(response_ids), n // 2))
-        return prompt_ids, response_ids[:n - len(prompt_ids)], True
-
 
 class ModelPool:
     """Loads each local model once, however many roles name it."""
 
     def __init__(self, cache_dir="cache", load_in_4bit="no", trust_remote_code=False, dtype="auto",
-                 batch_tokens=BATCH_TOKENS):
+                 batch_tokens=BATCH_TOKENS, tokenizer=""):
         self.cache_dir, self.load_in_4bit, self.trust_remote_code = cache_dir, load_in_4bit, trust_remote_code
-        self.dtype, self.batch_tokens = dtype, batch_tokens
+        self.dtype, self.batch_tokens, self.tokenizer = dtype, batch_tokens, tokenizer
         self.loaded = {}
 
     def local(self, spec) -> LocalLM:
@@ -475,11 +490,27 @@ class ModelPool:
                                         batch_tokens=self.batch_tokens)
         return self.loaded[spec]
 
+    def scorer(self, spec):
+        """What scores with the model `spec` (no adapter): the local model, or for 'openai:' the ServerScorer,
+        which tokenizes with --tokenizer and caches its calls in <cache_dir>/scorer_calls.jsonl."""
+        if parse_spec(spec)[0] != "openai":
+            return self.local(spec)
+        if not self.tokenizer:
+            raise StepError(f"scoring with {spec!r} needs our tokenizer: pass --tokenizer with the spec of the model "
+                            "the server serves ('embedded' or 'hf:<hub id or path>')")
+        if spec not in self.loaded:
+            self.loaded[spec] = ServerScorer(spec, self.tokenizer, self.cache_dir, self.trust_remote_code)
+        return self.loaded[spec]
+
     def chat(self, spec, adapter=None, call_cache=None):
-        """A role's chat model. adapter: (name, path) to generate with a LoRA adapter attached."""
+        """A role's chat model. adapter: (name, path) to generate with a LoRA adapter attached; on a server,
+        the server answers as base + adapter under the adapter's served name (server.serve_adapter)."""
         kind, name, base_url = parse_spec(spec)
         if kind == "openai":
             model = OpenAIChat(name, base_url)
+            if adapter is not None:
+                with model.errors():
+                    model = OpenAIChat(serve_adapter(model.client, *adapter), base_url)
         elif kind == "scripted":  # the toy preset's roles; the sentence encoder loads on first use
             if spec not in self.loaded:
                 self.loaded[spec] = ScriptedChat(name)
@@ -543,11 +574,18 @@ class OpenAIChat:
         self.openai = openai
 
     def one(self, messages, max_new_tokens, temperature, top_p, seed):
-        openai = self.openai
-        try:
+        with self.errors(max_new_tokens):
             reply = self.client.chat.completions.create(
                 model=self.model, messages=messages, max_tokens=max_new_tokens, temperature=temperature,
                 top_p=top_p, seed=seed)
+        return reply.choices[0].message.content or ""
+
+    @contextlib.contextmanager
+    def errors(self, max_new_tokens=None):
+        """Turn the openai client's errors (after its retries) into one clear StepError each."""
+        openai = self.openai
+        try:
+            yield
         except openai.AuthenticationError:
             raise StepError(f"{self.base_url} rejected the API key in OPENAI_API_KEY (401)") from None
         except openai.NotFoundError:
@@ -568,7 +606,6 @@ class OpenAIChat:
                                 f"of {self.name} ({str(detail)[:200]}); lower the step's *_max_tokens setting or "
                                 "give the server a longer context (llama.cpp --n_ctx, vLLM --max-model-len)") from None
             raise StepError(f"{self.base_url} answered {error.status_code}: {str(error)[:200]}") from None
-        return reply.choices[0].message.content or ""
 
     def generate(self, prompts, max_new_tokens=128, temperature=0.0, top_p=1.0, seed=0, batch_size=16,
                  desc=None, seeds=None, on_result=None):
@@ -639,3 +676,93 @@ class CachedChat:
             texts = self.inner.generate(prompts[start:start + batch_size], seed=seeds[start],
                                         batch_size=batch_size, **settings)
             remember(list(enumerate(texts, start=start)))
+
+
+class ServerScorer:
+    """Q_BASE's score of a response (LocalLM.score) computed by an OpenAI-compatible server.
+
+    The prompt and response are encoded by OUR tokenizer and chat template (encode_chat) and cut to fit as
+    LocalLM cuts them (fit_scored), so the server scores exactly the tokens local scoring would; the server
+    returns each prompt token's log-prob (server.scoring_request) and the response's are summed. vLLM takes the
+    token ids; llama.cpp's Python server takes text only (its prompt is a string), so it gets the text of our ids
+    and the tokens it echoes are compared with ours. Every call is cached on disk, keyed by the server's model
+    and the token ids, and retried as the other openai: calls are (OpenAIChat).
+    """
+
+    def __init__(self, spec, tokenizer_spec, cache_dir="cache", trust_remote_code=False, concurrency=8):
+        from transformers import AutoConfig, AutoTokenizer
+
+        _, name, base_url = parse_spec(spec)
+        if parse_spec(tokenizer_spec)[0] not in ("embedded", "hf"):
+            raise StepError(f"--tokenizer must name a local model's tokenizer, 'embedded' or 'hf:<hub id or path>' "
+                            f"(got {tokenizer_spec!r})")
+        path = str(embedded_model_dir(cache_dir)) if tokenizer_spec == "embedded" else parse_spec(tokenizer_spec)[1]
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            self.context_length = model_context(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
+        except OSError as error:
+            raise StepError(f"--tokenizer {tokenizer_spec!r}: {str(error).splitlines()[0]}") from None
+        self.server = OpenAIChat(name, base_url)
+        self.spec, self.system_ok, self.concurrency = spec, template_accepts_system(self.tokenizer), concurrency
+        self.token_ids = None  # whether the server takes prompts as token ids (asked before the first request)
+        self.path = Path(cache_dir) / "scorer_calls.jsonl"
+        self.done = {r["key"]: r["logprob"] for r in read_partial(self.path, None)} if self.path.exists() else {}
+        self.lock = threading.Lock()
+
+    def score(self, prompts, responses, adapter=None, batch_size=8, desc=None):
+        """(logprob, n_tokens, truncated) of each response after its prompt, as LocalLM.score returns them."""
+        if adapter is not None:
+            raise StepError("a server scores with the base model only (Q_BASE)")
+        pairs = [fit_scored(*encode_chat(self.tokenizer, p, r, self.system_ok), self.context_length)
+                 for p, r in zip(prompts, responses)]
+        keys = [hashlib.sha256(json.dumps([self.server.cache_id, p, r]).encode()).hexdigest() for p, r, _ in pairs]
+        todo = list({k: i for i, k in enumerate(keys) if k not in self.done}.values())  # each new call once
+        if todo and self.token_ids is None:
+            with self.server.errors():
+                self.token_ids = takes_token_ids(self.server.client)
+        with concurrent.futures.ThreadPoolExecutor(self.concurrency) as pool:
+            futures = {pool.submit(self.one, *pairs[i][:2]): i for i in todo}
+            for future in tqdm(concurrent.futures.as_completed(futures), total=len(futures), desc=desc,
+                               leave=False, disable=desc is None):
+                if future.exception() is not None:  # keep what is paid for, stop sending
+                    for other in futures:
+                        other.cancel()
+                    raise future.exception()
+                self.remember(keys[futures[future]], future.result())
+        return [(self.done[k], len(r), cut) for k, (_, r, cut) in zip(keys, pairs)]
+
+    def remember(self, key, logprob):
+        with self.lock:
+            self.done[key] = logprob
+            append_jsonl(self.path, [{"key": key, "logprob": logprob}])
+
+    def one(self, prompt_ids, response_ids) -> float:
+        """The summed log-prob of response_ids after prompt_ids, from one request."""
+        ids = prompt_ids + response_ids
+        if not self.token_ids and ids[0] != self.tokenizer.bos_token_id:
+            # llama-cpp-python pairs the echoed token i with the log-probs computed after token i, and shifts them
+            # back into place by dropping the first token only when it is BOS: otherwise every value is one off.
+            raise StepError(f"{self.server.base_url} takes text prompts (llama.cpp), whose echoed log-probs are right "
+                            "only for prompts that begin with the BOS token, and this chat template's do not; "
+                            "score on vLLM, or locally")
+        with self.server.errors(1):
+            reply = self.request(ids if self.token_ids else self.tokenizer.decode(ids))
+        logprobs, texts = prompt_tail(reply, ids, len(response_ids))
+        if texts is not None:
+            self.check_tokens(response_ids, texts)
+        return float(sum(logprobs))
+
+    def request(self, prompt) -> dict:
+        body = scoring_request(prompt)
+        extra = {"prompt_logprobs": body.pop("prompt_logprobs")} if "prompt_logprobs" in body else None  # vLLM's own
+        return self.server.client.completions.create(model=self.server.model, **body, extra_body=extra).model_dump()
+
+    def check_tokens(self, ids, texts):
+        """The server tokenized our text as our tokenizer did: each scored token reads the same. Special tokens
+        (llama.cpp writes them as '') and pieces of a multi-byte character are not compared."""
+        special = set(self.tokenizer.all_special_ids)
+        for token, text in zip(ids, texts):
+            ours = self.tokenizer.decode([token])
+            if token not in special and "\ufffd" not in ours and text != ours:
+                raise StepError(f"{self.server.base_url} tokenizes differently from --tokenizer: it read {text!r} "
+                                f"where ours has {ours!r}; set --tokenizer to the model the server serves")

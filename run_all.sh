@@ -20,6 +20,8 @@
 # Questioner's model (laptop: Roleplayer, and Oracle and Judge without a key) follows an overridden QUESTIONER:
 #   QUESTIONER=hf:/models/my-7b-instruct bash run_all.sh laptop   # another 7B model, 4-bit, in those roles
 #   N_TASKS="8 8 4" N_PERSONAS="2 2 2" TEST_PAIRS=8 TRAIN_FLAGS="--batch_size 2" bash run_all.sh laptop
+# SERVED_QUESTIONER=openai:<model>@<url> runs 02/03/05's Questioner Q_t and Q_BASE scorer on that server (the base
+# model with each iteration's adapter, docs/CLUSTER.md); 04 still trains QUESTIONER, which names the tokenizer.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -82,8 +84,10 @@ case "$PRESET" in
     MODEL_FLAGS="--load_in_4bit yes --batch_tokens 16384"; SIM_FLAGS=""; GEN_FLAGS=""; SELECT_FLAGS=""; EVAL_FLAGS=""
     TRAIN_FLAGS="--batch_size 4 --grad_accum 4"
     ;;
-  paper)   # Sec. 4: Mistral-7B Questioner, Mixtral-8x7B Roleplayer, GPT-4 Oracle and Judge, 3 iterations
-    QUESTIONER=hf:mistralai/Mistral-7B-Instruct-v0.2; ROLEPLAYER=hf:mistralai/Mixtral-8x7B-Instruct-v0.1
+  paper)   # Sec. 4: Mistral-7B Questioner, Mixtral-8x7B Roleplayer, GPT-4 Oracle and Judge, 3 iterations;
+           # the Roleplayer on a vLLM server (docs/CLUSTER.md has the command; ROLEPLAYER=... points elsewhere)
+    QUESTIONER=hf:mistralai/Mistral-7B-Instruct-v0.2
+    ROLEPLAYER=openai:mistralai/Mixtral-8x7B-Instruct-v0.1@http://127.0.0.1:8001/v1
     ORACLE=openai:gpt-4; JUDGE=openai:gpt-4
     ITERATIONS=3; N_TASKS="250 250 50"; N_PERSONAS="50 50 10"; N=10; TOP_K=1; TEST_PAIRS=300
     MODEL_FLAGS="--batch_tokens 16384"; SIM_FLAGS=""; GEN_FLAGS=""; SELECT_FLAGS=""; TRAIN_FLAGS=""; EVAL_FLAGS=""
@@ -103,15 +107,17 @@ EVAL_N="${EVAL_N:-$N}"  # test conversations per pair (the toy preset uses fewer
 ABLATION_TARGETS="${ABLATION_TARGETS:-gold none}"  # with --ablations: the paper's two, or the preset's choice
 RUN_DIR="${RUN_DIR:-runs/$PRESET}"
 COMMON="--cache_dir $CACHE_DIR --seed ${SEED:-0} --dtype ${DTYPE:-auto} $MODEL_FLAGS"
+ASK="${SERVED_QUESTIONER:-$QUESTIONER}"  # 02/03/05's Questioner and scorer: local, or on a server
+ASK_FLAGS=""; [ -z "${SERVED_QUESTIONER:-}" ] || ASK_FLAGS="--tokenizer $QUESTIONER"
 
 run_method() {  # $1 = run folder, $2 = final message trained on (own | gold | none)
   local dir="$1" target="$2"
   for ((t = 0; t < ITERATIONS; t++)); do
     echo "== $dir: iteration $t =="
-    python 02_simulate.py --run_dir "$dir" --iteration "$t" --questioner "$QUESTIONER" --roleplayer "$ROLEPLAYER" \
-      --n_conversations "$N" $COMMON $SIM_FLAGS
-    python 03_select.py --run_dir "$dir" --iteration "$t" --questioner "$QUESTIONER" --n_conversations "$N" \
-      --top_k "$TOP_K" --target "$target" $COMMON $SELECT_FLAGS
+    python 02_simulate.py --run_dir "$dir" --iteration "$t" --questioner "$ASK" --roleplayer "$ROLEPLAYER" \
+      --n_conversations "$N" $COMMON $ASK_FLAGS $SIM_FLAGS
+    python 03_select.py --run_dir "$dir" --iteration "$t" --questioner "$ASK" --n_conversations "$N" \
+      --top_k "$TOP_K" --target "$target" $COMMON $ASK_FLAGS $SELECT_FLAGS
     python 04_train.py --run_dir "$dir" --iteration "$t" --questioner "$QUESTIONER" $COMMON $TRAIN_FLAGS
   done
 }
@@ -142,9 +148,9 @@ fi
 
 evaluate() {  # $1 = run folder, then extra flags
   local dir="$1"; shift
-  python 05_eval.py --run_dir "$dir" --iterations "$ITERATIONS" --questioner "$QUESTIONER" \
+  python 05_eval.py --run_dir "$dir" --iterations "$ITERATIONS" --questioner "$ASK" \
     --roleplayer "$ROLEPLAYER" --judge "$JUDGE" --n_conversations "$EVAL_N" --test_pairs "$TEST_PAIRS" \
-    $COMMON $SIM_FLAGS $EVAL_FLAGS "$@"
+    $COMMON $ASK_FLAGS $SIM_FLAGS $EVAL_FLAGS "$@"
 }
 echo "== $RUN_DIR: evaluation =="
 evaluate "$RUN_DIR"

@@ -120,7 +120,7 @@ PRESETS = {
                   lora_r=8, lora_dropout=0.0, gradient_checkpointing=False, eval_question_max_tokens=24,
                   final_max_tokens=40),
     "laptop": Preset(MISTRAL, train_batch_size=4),
-    "paper": Preset(MISTRAL, roleplayer=MIXTRAL, local_oracle=False, local_judge=False),
+    "paper": Preset(MISTRAL, local_oracle=False, local_judge=False, local_roleplayer=False),  # Mixtral served
 }
 
 # Bytes autograd saves per token in one decoder layer (see the module docstring): (A_F, A_D, A_0) by

@@ -10,6 +10,7 @@ every prompt is evaluated from scratch, so an answer does not depend on the requ
 
 import contextlib
 import importlib.util
+import json
 import os
 import socket
 import subprocess
@@ -80,11 +81,14 @@ def tail(log: Path, chars: int = 4000) -> str:
 
 @contextlib.contextmanager
 def llama_server(model: Path, log: Path, n_ctx: int = 2048, n_threads: int = 1, timeout: float = 60.0,
-                 extra_args=()):
+                 extra_args=(), models=None):
     """Yield the base URL (http://127.0.0.1:PORT/v1) of a running server; stop it at the end.
 
     extra_args: more `llama_cpp.server` arguments, e.g. ("--api_key", "secret"), and this script's own
     "--no_prefix_reuse" (every prompt evaluated from scratch: answers independent of earlier requests).
+    models: several models to serve, each a dict of llama_cpp.server's model settings (model, model_alias,
+    lora_path, ...): they go into a --config_file beside the log (n_ctx and the threads as for one model),
+    and the server loads the one a request names.
 
     One thread by default: tests share a few cores with other processes, and llama.cpp's threads
     spin-wait for each other, which turns a busy machine into ten-second stalls.
@@ -93,6 +97,11 @@ def llama_server(model: Path, log: Path, n_ctx: int = 2048, n_threads: int = 1, 
     command = [sys.executable, __file__, "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
                "--n_ctx", str(n_ctx), "--n_threads", str(n_threads), "--n_threads_batch", str(n_threads),
                *map(str, extra_args)]
+    if models:  # the config file's host, port and models replace those of the command line
+        config = log.with_suffix(".config.json")
+        config.write_text(json.dumps({"host": "127.0.0.1", "port": port, "models": [
+            {"n_ctx": n_ctx, "n_threads": n_threads, "n_threads_batch": n_threads, **m} for m in models]}))
+        command += ["--config_file", str(config)]
     base_url = f"http://127.0.0.1:{port}/v1"
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

@@ -106,7 +106,8 @@ def test_the_plan_uses_the_presets_settings(name):
              "hf:mistralai/Mixtral-8x7B-Instruct-v0.1": memory_plan.MIXTRAL}
     assert specs[flags["models"]["QUESTIONER"]] == preset.questioner
     roleplayer = flags["models"]["ROLEPLAYER"]
-    assert specs.get(roleplayer) == preset.roleplayer or roleplayer in ("$QUESTIONER", "embedded")
+    served = roleplayer.startswith("openai:") and preset.roleplayer is None and not preset.local_roleplayer
+    assert specs.get(roleplayer) == preset.roleplayer or roleplayer in ("$QUESTIONER", "embedded") or served
 
 
 def test_the_readme_shows_what_the_plan_prints(model_cache):

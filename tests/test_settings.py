@@ -106,6 +106,21 @@ def test_the_environment_overrides_a_presets_values(tmp_path):
     assert flag(evaluation, "--roleplayer") == "scripted:data/toy" and flag(evaluation, "--n_conversations") == "1"
 
 
+def test_a_served_questioner_asks_and_scores_on_its_server_and_trains_locally(tmp_path):
+    """`SERVED_QUESTIONER=openai:... bash run_all.sh paper` (docs/CLUSTER.md): 02, 03 and 05 ask and score on the
+    server with the preset's Questioner as --tokenizer; 04 trains that Questioner; the Roleplayer is served."""
+    served = "openai:mistralai/Mistral-7B-Instruct-v0.2@http://127.0.0.1:8000/v1"
+    calls = dry_run(tmp_path, "paper", SERVED_QUESTIONER=served)
+    local = "hf:mistralai/Mistral-7B-Instruct-v0.2"
+    for call in calls[1:]:
+        on_server = call[0] != "04_train.py"
+        assert flag(call, "--questioner") == (served if on_server else local), call
+        assert (flag(call, "--tokenizer") if "--tokenizer" in call else None) == (local if on_server else None)
+        if "--roleplayer" in call:
+            assert flag(call, "--roleplayer") == "openai:mistralai/Mixtral-8x7B-Instruct-v0.1@http://127.0.0.1:8001/v1"
+    assert [c[0] for c in calls].count("04_train.py") == 3
+
+
 def test_args_files_record_every_setting(tmp_path):
     from utils import record_args
 
