@@ -612,26 +612,33 @@ class OpenAIChat:
         """Concurrent requests; request i is seeded with seeds[i] (default seed + i).
         on_result(i, text) fires as each request ends."""
         seeds = seeds or [seed + i for i in range(len(prompts))]
-        outputs, errors = [None] * len(prompts), []
-        with concurrent.futures.ThreadPoolExecutor(self.concurrency) as pool:
-            futures = {pool.submit(self.one, p, max_new_tokens, temperature, top_p, s): i
-                       for i, (p, s) in enumerate(zip(prompts, seeds))}
-            for future in tqdm(concurrent.futures.as_completed(futures), total=len(futures), desc=desc,
-                               leave=False, disable=desc is None):
-                if future.cancelled():
-                    continue
-                if future.exception() is not None:  # stop sending, but keep what is already paid for
-                    errors.append(future.exception())
-                    for other in futures:
-                        other.cancel()
-                    continue
-                i = futures[future]
-                outputs[i] = future.result()
-                if on_result:
-                    on_result(i, outputs[i])
-        if errors:
-            raise errors[0]
-        return outputs
+        return call_concurrently(self.one, [(p, max_new_tokens, temperature, top_p, s) for p, s in zip(prompts, seeds)],
+                                 self.concurrency, desc, on_result)
+
+
+def call_concurrently(call, jobs: list[tuple], concurrency: int, desc=None, on_result=None) -> list:
+    """[call(*job) for job in jobs], run on `concurrency` threads; on_result(i, result) fires as job i ends.
+    After a failure no new job starts, the answers that still arrive are kept (on_result: they are paid for),
+    and then the first error is raised."""
+    outputs, errors = [None] * len(jobs), []
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        futures = {pool.submit(call, *job): i for i, job in enumerate(jobs)}
+        for future in tqdm(concurrent.futures.as_completed(futures), total=len(futures), desc=desc,
+                           leave=False, disable=desc is None):
+            if future.cancelled():
+                continue
+            if future.exception() is not None:  # stop sending, but keep what is already paid for
+                errors.append(future.exception())
+                for other in futures:
+                    other.cancel()
+                continue
+            i = futures[future]
+            outputs[i] = future.result()
+            if on_result:
+                on_result(i, outputs[i])
+    if errors:
+        raise errors[0]
+    return outputs
 
 
 class CachedChat:
@@ -720,15 +727,8 @@ class ServerScorer:
         if todo and self.token_ids is None:
             with self.server.errors():
                 self.token_ids = takes_token_ids(self.server.client)
-        with concurrent.futures.ThreadPoolExecutor(self.concurrency) as pool:
-            futures = {pool.submit(self.one, *pairs[i][:2]): i for i in todo}
-            for future in tqdm(concurrent.futures.as_completed(futures), total=len(futures), desc=desc,
-                               leave=False, disable=desc is None):
-                if future.exception() is not None:  # keep what is paid for, stop sending
-                    for other in futures:
-                        other.cancel()
-                    raise future.exception()
-                self.remember(keys[futures[future]], future.result())
+        call_concurrently(self.one, [pairs[i][:2] for i in todo], self.concurrency, desc,
+                          on_result=lambda j, logprob: self.remember(keys[todo[j]], logprob))
         return [(self.done[k], len(r), cut) for k, (_, r, cut) in zip(keys, pairs)]
 
     def remember(self, key, logprob):
