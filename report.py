@@ -272,9 +272,10 @@ def results_table(runs: list[str]) -> str:
                     f"| *{fmt(PAPER['ablations'][target].get(int(name[1:])))}* |")
     if len(found) > 1:
         for name, rows in sorted(per_model.items()):
-            (win, win_ci), (asks, _), (gain, gain_ci) = (across_seeds([r[i][key] for r in rows]) for i, key in
-                                                         ((0, "win_rate"), (1, "win_rate"), (2, "mean")))
-            tally = " / ".join(str(sum(r[0][key] for r in rows)) for key in ("wins", "ties", "losses"))
+            win, win_ci = across_seeds([w["win_rate"] for w, _, _ in rows])
+            asks, _ = across_seeds([asks["win_rate"] for _, asks, _ in rows])
+            gain, gain_ci = across_seeds([gain["mean"] for _, _, gain in rows])
+            tally = " / ".join(str(sum(w[key] for w, _, _ in rows)) for key in ("wins", "ties", "losses"))
             lines.append(f"| mean of {len(rows)} runs | - | {name} | {fmt(win)} {fmt_ci(win_ci)} | {tally} "
                          f"| {fmt(asks)} | {fmt(gain, 2)} {fmt_ci(gain_ci, 2)} | | | | "
                          f"| *{fmt(PAPER['win_rate'].get(int(name[1:])))}* |")
