@@ -95,6 +95,29 @@ def parse_spec(spec: str):
                     "'scripted:<world folder>' or 'human'")
 
 
+# Which kinds of spec can play each role: the Questioner is trained (local weights, or a server that serves its
+# adapters); a person or the toy world's script can only answer as a persona, write data or judge.
+ROLE_KINDS = {"questioner": ("embedded", "hf", "openai"), "oracle": ("embedded", "hf", "openai", "scripted"),
+              "roleplayer": ("embedded", "hf", "openai", "scripted", "human"),
+              "judge": ("embedded", "hf", "openai", "scripted", "human")}
+
+
+def check_specs(**roles):
+    """Check every role's spec before a step does any work (role=spec, e.g. judge="openai:gpt-4"): a known kind,
+    one this role can take, a world folder that exists, an API key for a server."""
+    for role, spec in roles.items():
+        kind, name, _ = parse_spec(spec)
+        if kind not in ROLE_KINDS[role]:
+            raise StepError(f"--{role} {spec!r}: a {kind} spec cannot be the {role} (it can be: "
+                            f"{', '.join(ROLE_KINDS[role])})")
+        if kind == "scripted" and not (Path(name) / "world.json").is_file():
+            raise StepError(f"--{role} {spec!r}: {Path(name) / 'world.json'}: file not found (a scripted: spec names "
+                            "a world folder)")
+        if kind == "openai" and not os.environ.get("OPENAI_API_KEY"):
+            raise StepError(f"--{role} {spec!r} needs an API key in the environment variable OPENAI_API_KEY "
+                            "(any non-empty value for a local server that checks none)")
+
+
 def embedded_model_dir(cache_dir) -> Path:
     """The embedded GGUF, dequantized once and cached as safetensors (later loads take ~2 s, not ~15 s)."""
     folder = Path(cache_dir) / "SmolLM2-135M-Instruct"
