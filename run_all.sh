@@ -94,12 +94,14 @@ case "$PRESET" in
     TRAIN_FLAGS="--batch_size 4 --grad_accum 4"
     ;;
   paper)   # Sec. 4: Mistral-7B Questioner, Mixtral-8x7B Roleplayer, GPT-4 Oracle and Judge, 3 iterations;
-           # the Roleplayer on a vLLM server (docs/CLUSTER.md has the command; ROLEPLAYER=... points elsewhere)
+           # the Roleplayer on a vLLM server (docs/CLUSTER.md has the command; ROLEPLAYER=... points elsewhere);
+           # the paper's 550 tasks from the hub (needs `pip install datasets` and the network; data/ has 120)
     QUESTIONER=hf:mistralai/Mistral-7B-Instruct-v0.2
     ROLEPLAYER=openai:mistralai/Mixtral-8x7B-Instruct-v0.1@http://127.0.0.1:8001/v1
     ORACLE=openai:gpt-4; JUDGE=openai:gpt-4
     ITERATIONS=3; N_TASKS="250 250 50"; N_PERSONAS="50 50 10"; N=10; TOP_K=1; TEST_PAIRS=300
-    MODEL_FLAGS="--batch_tokens 16384"; SIM_FLAGS=""; GEN_FLAGS=""; SELECT_FLAGS=""; TRAIN_FLAGS=""; EVAL_FLAGS=""
+    MODEL_FLAGS="--batch_tokens 16384"; SIM_FLAGS=""; SELECT_FLAGS=""; TRAIN_FLAGS=""; EVAL_FLAGS=""
+    GEN_FLAGS="--tasks hf:Dahoas/instruct-human-assistant-prompt"
     ;;
   *) echo "unknown preset '$PRESET': use tiny, toy, laptop, paper (or smoke, for the tests)" >&2; exit 2 ;;
 esac
