@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,10 @@ from transformers import Trainer, TrainingArguments
 from models import ModelSettings, check_specs, encode_for_training, load_local, template_accepts_system, want_4bit
 from utils import (StepError, check_rerun, parse_args, read_jsonl, record_args, run_main, seed_everything,
                    write_json_atomic)
+
+# peft and Trainer still call transformers 5's old names for activation checkpointing: a warning per call that
+# says nothing to a user.
+warnings.filterwarnings("ignore", message=".*gradient_checkpointing.* is deprecated", category=FutureWarning)
 
 
 @dataclass
@@ -159,7 +164,7 @@ def main():
         output_dir=str(checkpoints), per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum, learning_rate=args.learning_rate,
         lr_scheduler_type=args.lr_scheduler, warmup_steps=args.warmup_ratio, num_train_epochs=args.epochs,
-        gradient_checkpointing=args.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=args.gradient_checkpointing, activation_checkpointing_kwargs={"use_reentrant": False},
         # On a machine without CUDA, use_cpu makes a multi-process launch (torchrun, accelerate launch --multi_gpu)
         # one data-parallel run over gloo; without it each process trained alone on all the data.
         bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(), logging_steps=1, save_strategy="steps", save_steps=args.save_steps,

@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import threading
@@ -34,6 +35,10 @@ from human import HumanChat
 from scripted import ScriptedChat
 from server import prompt_tail, scoring_request, serve_adapter, takes_token_ids
 from utils import StepError, append_jsonl, read_partial
+
+# bitsandbytes warns on import, on CPUs with AVX512-BF16, that it found no optional `kernels` package: harmless (it
+# uses its own CPU kernel), and that package would fetch code from the hub. Said once here, not on every load.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Generation with an adapter runs a copy of the model with the adapter merged into its weights when the model
