@@ -58,9 +58,10 @@ def peak_memory_gb() -> float:
     return peak / 1024 ** (3 if sys.platform == "darwin" else 2)
 
 
-# Whole-number settings that may be 0 (or must be, at least, not negative); every other one is a count or a size
-# and must be at least 1 (0 conversations, a batch of 0 or a cap of 0 tokens would fail deep inside a step).
-MAY_BE_ZERO = {"seed", "iteration", "iterations", "gold_retries", "batch_tokens"}
+# Whole-number settings that may be 0 (not negative); every other one is a count or a size and must be at least 1
+# (0 conversations, a batch of 0 or a cap of 0 tokens would fail deep inside a step). A split may have no tasks or
+# personas: an evaluation-only run has test pairs alone.
+MAY_BE_ZERO = {"seed", "iteration", "iterations", "gold_retries", "batch_tokens", "n_tasks", "n_personas"}
 
 
 def parse_args(*classes):

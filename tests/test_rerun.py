@@ -151,3 +151,10 @@ def test_data_and_toy_base_reruns_compare_their_settings(run, tmp_path, monkeypa
             monkeypatch=monkeypatch, capsys=capsys)
     assert "nothing to do" in step_main("toy_base", "--out", out, "--cache_dir", tmp_path / "elsewhere",
                                         monkeypatch=monkeypatch, capsys=capsys)
+
+
+def test_the_evaluation_summary_rounds_and_says_when_no_verdict_could_be_read():
+    summary = importlib.import_module("05_eval").win_rate_summary
+    measured = {"models": {"m0": {}, "m1": {"win_rate": {"win_rate": 53.333333333333336}},
+                           "m2": {"win_rate": {"win_rate": None}}}}
+    assert summary(measured) == "m1 53.3, m2 no verdict"
