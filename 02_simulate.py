@@ -20,8 +20,8 @@ from pathlib import Path
 
 from models import ModelSettings, check_specs, truncated
 from roles import questioner_view, roleplayer_view
-from utils import (StepError, check_rerun, load_pairs, parse_args, questioner_adapter, record_args, resumable, run_main,
-                   seed_everything, stable_hash)
+from utils import (StepError, check_rerun, load_pairs, parse_args, questioner_adapter, record_args, resumable,
+                   run_main, seed_everything, stable_hash)
 
 
 @dataclass

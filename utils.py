@@ -149,7 +149,10 @@ def check_rerun(record: Path, outputs: list, overwrite: bool, *parts, counted=()
     existing = [Path(p) for p in outputs if Path(p).exists() and Path(p) != record]
     if overwrite:
         for path in existing:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
         return
     if not existing or not record.is_file():
         return

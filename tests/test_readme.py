@@ -103,8 +103,8 @@ def run_all_calls(tmp_path, env: dict, argv: list[str]) -> list[list[str]]:
         (run / "iter0").mkdir(parents=True, exist_ok=True)
         (run / "iter0" / name).write_text("")
     env = dict(env, RUN_DIR=str(run))
-    (bin_dir / "python").write_text(f"#!{sys.executable}\nimport json, sys\n"
-                                    f"with open({str(log)!r}, 'a') as f:\n    f.write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    (bin_dir / "python").write_text(f"#!{sys.executable}\nimport json, sys\nwith open({str(log)!r}, 'a') as f:\n"
+                                    "    f.write(json.dumps(sys.argv[1:]) + '\\n')\n")
     (bin_dir / "python").chmod(0o755)
     environment = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", CACHE_DIR=str(tmp_path / "c"))
     done = subprocess.run(["bash", *argv], cwd=REPO, env=dict(environment, **env), capture_output=True, text=True,

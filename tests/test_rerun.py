@@ -79,9 +79,10 @@ def test_a_finished_evaluation_rerun_with_another_judge_is_one_error(evaluated):
           expected="--judge 'scripted:data/toy' -> 'embedded'")
 
 
-@pytest.mark.parametrize("change,named", [(["--test_pairs", 5], "--test_pairs 4 -> 5"),
-                                          (["--roleplayer", "embedded"], "--roleplayer 'scripted:data/toy' -> 'embedded'"),
-                                          (["--iterations", 2, "--n_conversations", 3], "--iterations 1 -> 2")])
+@pytest.mark.parametrize("change,named", [
+    (["--test_pairs", 5], "--test_pairs 4 -> 5"),
+    (["--roleplayer", "embedded"], "--roleplayer 'scripted:data/toy' -> 'embedded'"),
+    (["--iterations", 2, "--n_conversations", 3], "--iterations 1 -> 2")])
 def test_a_finished_evaluation_rerun_with_other_settings_is_refused(evaluated, change, named, monkeypatch, capsys):
     run, flags = evaluated
     error = refused("05_eval", *flags, *change, folder=run, named=named, monkeypatch=monkeypatch, capsys=capsys)

@@ -181,3 +181,14 @@ def test_project_modules_import_each_other_in_no_circle():
 
     for name in graph:
         visit(name, [])
+
+
+def test_a_no_flag_says_what_it_does(monkeypatch, capsys):
+    """--no_gradient_checkpointing's help is its own, not a copy of --gradient_checkpointing's."""
+    from utils import parse_args
+
+    monkeypatch.setattr(sys, "argv", ["04_train.py", "--help"])
+    with pytest.raises(SystemExit):
+        parse_args(importlib.import_module("04_train").Args, ModelSettings)
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--no-gradient-checkpointing turn --gradient_checkpointing off" in text
