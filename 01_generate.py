@@ -19,9 +19,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from models import ModelSettings, truncated
+from models import ModelSettings, check_specs, truncated
 from roles import ORACLE_GOLD_PROMPT, ORACLE_SYSTEM, PERSONA_PROMPT, gold_problem
-from utils import (StepError, parse_args, read_jsonl, record_args, run_main, seed_everything,
+from utils import (StepError, check_rerun, parse_args, read_jsonl, record_args, run_main, seed_everything,
                    write_jsonl_atomic)
 
 SPLITS = ("A", "B", "test")
@@ -49,6 +49,8 @@ class Args:
     retry_temperature: float = field(default=0.7, metadata={"help": "sampling temperature of those retries"})
     seed: int = field(default=0, metadata={"help": "seeds the splits, names, examples and sampling"})
     batch_size: int = field(default=16, metadata={"help": "prompts per batch for a local Oracle"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "redo the data even if it exists (a rerun with other settings stops otherwise)"})
 
 
 def load_task_texts(source: str) -> list[str]:
@@ -82,6 +84,9 @@ def main():
     args, model_args = parse_args(Args, ModelSettings)
     seed_everything(args.seed)
     out = Path(args.run_dir) / "data"
+    check_specs(oracle=args.oracle)
+    check_rerun(out / "args_01_generate.json", [out / f"{name}.jsonl" for name in ("tasks", "personas", "gold")],
+                args.overwrite, args, model_args)
     if (out / "gold.jsonl").exists():
         print(f"01_generate: {out} is complete; nothing to do")
         return

@@ -18,10 +18,10 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from models import ModelSettings, truncated
+from models import ModelSettings, check_specs, truncated
 from roles import questioner_view, roleplayer_view
-from utils import (StepError, load_pairs, parse_args, questioner_adapter, record_args, resumable, run_main,
-                   seed_everything, stable_hash)
+from utils import (StepError, check_rerun, load_pairs, parse_args, questioner_adapter, record_args, resumable,
+                   run_main, seed_everything, stable_hash)
 
 
 @dataclass
@@ -36,6 +36,8 @@ class Args:
     seed: int = field(default=0, metadata={"help": "seeds turn counts and sampling"})
     chunk_pairs: int = field(default=16, metadata={"help": "pairs simulated together (and saved together)"})
     batch_size: int = field(default=32, metadata={"help": "conversations per generation batch"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "redo the iteration's conversations even if they exist (a rerun with other settings stops otherwise)"})
 
 
 @dataclass
@@ -133,6 +135,9 @@ def main():
     seed_everything(args.seed)
     out = Path(args.run_dir) / f"iter{args.iteration}"
     final = out / "conversations.jsonl"
+    check_specs(questioner=args.questioner, roleplayer=args.roleplayer)
+    check_rerun(out / "args_02_simulate.json", [final, out / "conversations.partial.jsonl"], args.overwrite,
+                args, sim_args, model_args)
     if final.exists():
         print(f"02_simulate: {final} exists; nothing to do")
         return
@@ -150,10 +155,10 @@ def main():
     pool = model_args.pool()
     questioner = pool.chat(args.questioner, adapter=questioner_adapter(args.run_dir, args.iteration))
     roleplayer = pool.chat(args.roleplayer)
+    record_args(out / "args_02_simulate.json", args, sim_args, model_args)
     conversations = simulate_pairs(questioner, roleplayer, pairs, sim_args, n_conversations=args.n_conversations,
                                    seed=args.seed, batch_size=args.batch_size, chunk_pairs=args.chunk_pairs,
                                    iteration=args.iteration, final=final, tag=f"iter{args.iteration}")
-    record_args(out / "args_02_simulate.json", args, sim_args, model_args)
     turns = sum(p["n_turns"] for p in pairs) / len(pairs)
     cut = sum(c.get("truncated", False) for c in conversations)
     print(f"02_simulate: wrote {len(conversations)} conversations ({len(pairs)} pairs of split {split} x "

@@ -28,10 +28,10 @@ import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from models import ModelSettings, truncated
+from models import ModelSettings, check_specs, truncated
 from roles import answer_view, questioner_view
-from utils import (StepError, load_pairs, parse_args, questioner_adapter, read_jsonl, record_args, record_key,
-                   resumable, run_main, seed_everything)
+from utils import (StepError, check_rerun, load_pairs, parse_args, questioner_adapter, read_jsonl, record_args,
+                   record_key, resumable, run_main, seed_everything)
 
 split_of_iteration = importlib.import_module("02_simulate").split_of_iteration  # the split 02 simulated
 
@@ -52,6 +52,9 @@ class Args:
     seed: int = field(default=0, metadata={"help": "seed (answers are greedy; kept for the record)"})
     batch_size: int = field(default=16, metadata={"help": "sequences per scoring or generation batch"})
     chunk_size: int = field(default=64, metadata={"help": "records computed (and saved) together"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "redo the iteration's scores and selection even if they exist (a rerun with other settings stops "
+                "otherwise)"})
 
 
 def gold_logprob(scorer, pairs: list[dict], dialogues: list[list[dict]], batch_size: int) -> list[tuple]:
@@ -79,6 +82,10 @@ def main():
     args, model_args = parse_args(Args, ModelSettings)
     seed_everything(args.seed)
     out = Path(args.run_dir) / f"iter{args.iteration}"
+    check_specs(questioner=args.questioner)
+    check_rerun(out / "args_03_select.json", [out / name for name in ("scores.jsonl", "scores.partial.jsonl",
+                                                                      "sft.jsonl", "sft.partial.jsonl")],
+                args.overwrite, args, model_args)
     if (out / "sft.jsonl").exists():
         print(f"03_select: {out / 'sft.jsonl'} exists; nothing to do")
         return
@@ -100,6 +107,7 @@ def main():
 
     # 1. Score every conversation by log p_BASE(gold | the Questioner's prompt, the conversation, the task).
     scorer = pool.scorer(args.questioner)
+    record_args(out / "args_03_select.json", args, model_args)
 
     def score_records(_, chunk, keys):
         results = gold_logprob(scorer, [pairs[k[:2]] for k in keys], [c["messages"] for c in chunk], args.batch_size)
@@ -144,7 +152,6 @@ def main():
 
     keys = [record_key("score", s) for s in kept]
     sft = resumable(out / "sft.jsonl", "sft", kept, keys, args.chunk_size, f"answers ({args.target})", sft_records)
-    record_args(out / "args_03_select.json", args, model_args)
 
     mean = sum(s["logprob"] for s in scores) / len(scores)
     best = sum(s["logprob"] for s in kept) / len(kept)

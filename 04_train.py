@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,8 +27,13 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 
-from models import ModelSettings, encode_for_training, load_local, template_accepts_system, want_4bit
-from utils import StepError, parse_args, read_jsonl, record_args, run_main, seed_everything, write_json_atomic
+from models import ModelSettings, check_specs, encode_for_training, load_local, template_accepts_system, want_4bit
+from utils import (StepError, check_rerun, parse_args, read_jsonl, record_args, run_main, seed_everything,
+                   write_json_atomic)
+
+# peft and Trainer still call transformers 5's old names for activation checkpointing: a warning per call that
+# says nothing to a user.
+warnings.filterwarnings("ignore", message=".*gradient_checkpointing.* is deprecated", category=FutureWarning)
 
 
 @dataclass
@@ -45,9 +51,13 @@ class Args:
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scale numerator"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
-    gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations to save memory"})
+    gradient_checkpointing: bool = field(default=True, metadata={
+        "help": "recompute activations in the backward pass, to save memory (--no_gradient_checkpointing: faster, "
+                "for small models)"})
     save_steps: int = field(default=50, metadata={"help": "checkpoint every this many updates (for resuming)"})
     seed: int = field(default=0, metadata={"help": "seeds LoRA initialisation and data order"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "train the adapter again even if it exists (a rerun with other settings stops otherwise)"})
 
 
 class PadCollator:
@@ -119,6 +129,10 @@ def main():
     seed_everything(args.seed)
     out = Path(args.run_dir) / f"iter{args.iteration}"
     adapter_dir = out / "adapter"
+    check_specs(questioner=args.questioner)
+    # Here batch_size is the training batch (with grad_accum, the updates): it changes the adapter.
+    check_rerun(out / "args_04_train.json", [adapter_dir, out / "checkpoints", out / "train_log.json"], args.overwrite,
+                args, model_args, counted=("batch_size",))
     if (adapter_dir / "adapter_config.json").exists():
         print(f"04_train: {adapter_dir} exists; nothing to do")
         return
@@ -150,7 +164,7 @@ def main():
         output_dir=str(checkpoints), per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum, learning_rate=args.learning_rate,
         lr_scheduler_type=args.lr_scheduler, warmup_steps=args.warmup_ratio, num_train_epochs=args.epochs,
-        gradient_checkpointing=args.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=args.gradient_checkpointing, activation_checkpointing_kwargs={"use_reentrant": False},
         # On a machine without CUDA, use_cpu makes a multi-process launch (torchrun, accelerate launch --multi_gpu)
         # one data-parallel run over gloo; without it each process trained alone on all the data.
         bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(), logging_steps=1, save_strategy="steps", save_steps=args.save_steps,
@@ -160,6 +174,7 @@ def main():
     # After a crash: continue from the last complete checkpoint. It holds the LoRA weights, AdamW's moments,
     # the learning-rate schedule's position, the RNG states (dropout) and the step, from which Trainer skips
     # the batches already seen in the same order, so the adapter equals that of an uninterrupted run.
+    record_args(out / "args_04_train.json", args, model_args)
     resume = last_checkpoint(checkpoints)
     if resume is not None and trainer.is_world_process_zero():
         print(f"04_train: resuming from {resume}")
@@ -172,7 +187,6 @@ def main():
         os.replace(tmp, adapter_dir)
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         write_json_atomic(out / "train_log.json", {"log_history": trainer.state.log_history, "truncated": cut})
-        record_args(out / "args_04_train.json", args, model_args)
         shutil.rmtree(checkpoints, ignore_errors=True)
         tokens = sum(sum(l != -100 for l in row["labels"]) for row in dataset)
         print(f"04_train: {len(dataset)} records ({tokens} trained tokens, {cut} cut at {args.max_length}), "

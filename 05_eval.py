@@ -27,11 +27,11 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from models import ModelSettings, parse_spec, truncated
+from models import ModelSettings, check_specs, parse_spec, truncated
 from report import bootstrap_ci, load_metrics, min_detectable_effect, pair_outcome, win_rate, write_report
 from roles import JUDGE_PROMPT, JUDGE_SYSTEM, answer_problem, answer_view, parse_verdict
-from utils import (StepError, load_pairs, parse_args, provenance, questioner_adapter, read_jsonl, record_args,
-                   record_key, resumable, run_main, seed_everything, write_json_atomic)
+from utils import (StepError, check_rerun, load_pairs, parse_args, provenance, questioner_adapter, read_jsonl,
+                   record_args, record_key, resumable, run_main, seed_everything, write_json_atomic)
 
 simulation = importlib.import_module("02_simulate")  # the dialogue loop and its settings, as in training
 SimulationSettings, simulate_pairs = simulation.SimulationSettings, simulation.simulate_pairs
@@ -60,6 +60,8 @@ class Args:
     seed: int = field(default=0, metadata={"help": "seeds the test pairs, lengths and sampling"})
     chunk_pairs: int = field(default=16, metadata={"help": "pairs simulated (and saved) together"})
     batch_size: int = field(default=32, metadata={"help": "sequences per generation or scoring batch"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "redo the evaluation even if it exists (a rerun with other settings stops otherwise)"})
 
 
 def diagnostics(conversations, pairs) -> dict:
@@ -266,10 +268,33 @@ def metrics(args, by_pair, results, control_scores, judge_name, world) -> dict:
     return measured
 
 
+def win_rate_summary(measured: dict) -> str:
+    """'m1 53.3, m2 no verdict': each trained model's win rate, rounded as in the report."""
+    rates = {name: m["win_rate"]["win_rate"] for name, m in measured["models"].items() if "win_rate" in m}
+    return ", ".join(f"{name} {'no verdict' if rate is None else f'{rate:.1f}'}"
+                     for name, rate in sorted(rates.items())) or "-"
+
+
+def report_only(out: Path, ablation_dirs: list[str]):
+    """A finished evaluation's rerun: its metrics stand; with --ablation_dirs the report is written again with them
+    beside it, and otherwise left as it is (an ablation section it has stays)."""
+    measured = json.loads((out / "metrics.json").read_text())
+    if ablation_dirs:
+        write_report(out, measured, {Path(d).name: load_metrics(d) for d in ablation_dirs if load_metrics(d)})
+    kept = "written again with the ablations beside it" if ablation_dirs else "kept as it was"
+    print(f"05_eval: {out} is complete (win rate vs m0 (%): {win_rate_summary(measured)}); report {kept}: "
+          f"{out / 'report.md'} (--overwrite evaluates again)")
+
+
 def main():
     args, sim_args, model_args = parse_args(Args, SimulationSettings, ModelSettings)
     seed_everything(args.seed)
     out = Path(args.run_dir) / "eval"
+    check_specs(questioner=args.questioner, roleplayer=args.roleplayer, judge=args.judge)
+    check_rerun(out / "args_05_eval.json", sorted(out.glob("*")), args.overwrite, args, sim_args, model_args)
+    if (out / "metrics.json").exists():  # finished: no model is loaded, nothing is recomputed
+        report_only(out, args.ablation_dirs)
+        return
     pairs = sample_test_pairs(args.run_dir, args.test_pairs, args.seed, sim_args)
     by_pair = {(p["task_id"], p["persona_id"]): p for p in pairs}
     models = list(range(args.iterations + 1))
@@ -279,6 +304,7 @@ def main():
                             f"--iteration {t - 1} first (or lower --iterations)")
     if args.baseline_dir and not (out / "m0").exists() and (Path(args.baseline_dir) / "eval" / "m0").is_dir():
         shutil.copytree(Path(args.baseline_dir) / "eval" / "m0", out / "m0")
+    record_args(out / "args_05_eval.json", args, sim_args, model_args)
 
     pool = model_args.pool()
     roleplayer = pool.chat(args.roleplayer)
@@ -315,9 +341,7 @@ def main():
     ablations = {Path(d).name: load_metrics(d) for d in args.ablation_dirs if load_metrics(d)}
     write_json_atomic(out / "metrics.json", measured)
     write_report(out, measured, ablations)
-    record_args(out / "args_05_eval.json", args, sim_args, model_args)
-    summary = ", ".join(f"m{t} {measured['models'][f'm{t}']['win_rate']['win_rate']}" for t in models[1:])
-    print(f"05_eval: {len(pairs)} test pairs; win rate vs m0 (%): {summary or '-'}; "
+    print(f"05_eval: {len(pairs)} test pairs; win rate vs m0 (%): {win_rate_summary(measured)}; "
           f"{sum(measured['truncated'].values())} records made from a prompt cut to fit the context "
           f"(metrics.json: truncated); report in {out / 'report.md'}")
 

@@ -105,3 +105,7 @@ class HumanChat:
             if answer is not None:
                 return answer
             print("  (an empty or unrecognised answer; try again)", file=stdout)
+
+
+if __name__ == "__main__":  # not a step: `python human.py --help` shows how to play
+    print(__doc__)

@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import threading
@@ -34,6 +35,10 @@ from human import HumanChat
 from scripted import ScriptedChat
 from server import prompt_tail, scoring_request, serve_adapter, takes_token_ids
 from utils import StepError, append_jsonl, read_partial
+
+# bitsandbytes warns on import, on CPUs with AVX512-BF16, that it found no optional `kernels` package: harmless (it
+# uses its own CPU kernel), and that package would fetch code from the hub. Said once here, not on every load.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Generation with an adapter runs a copy of the model with the adapter merged into its weights when the model
@@ -93,6 +98,29 @@ def parse_spec(spec: str):
         return "scripted", rest, None
     raise StepError(f"unknown model spec {spec!r}: use 'embedded', 'hf:<hub id or path>', 'openai:<model>', "
                     "'scripted:<world folder>' or 'human'")
+
+
+# Which kinds of spec can play each role: the Questioner is trained (local weights, or a server that serves its
+# adapters); a person or the toy world's script can only answer as a persona, write data or judge.
+ROLE_KINDS = {"questioner": ("embedded", "hf", "openai"), "oracle": ("embedded", "hf", "openai", "scripted"),
+              "roleplayer": ("embedded", "hf", "openai", "scripted", "human"),
+              "judge": ("embedded", "hf", "openai", "scripted", "human")}
+
+
+def check_specs(**roles):
+    """Check every role's spec before a step does any work (role=spec, e.g. judge="openai:gpt-4"): a known kind,
+    one this role can take, a world folder that exists, an API key for a server."""
+    for role, spec in roles.items():
+        kind, name, _ = parse_spec(spec)
+        if kind not in ROLE_KINDS[role]:
+            raise StepError(f"--{role} {spec!r}: a {kind} spec cannot be the {role} (it can be: "
+                            f"{', '.join(ROLE_KINDS[role])})")
+        if kind == "scripted" and not (Path(name) / "world.json").is_file():
+            raise StepError(f"--{role} {spec!r}: {Path(name) / 'world.json'}: file not found (a scripted: spec names "
+                            "a world folder)")
+        if kind == "openai" and not os.environ.get("OPENAI_API_KEY"):
+            raise StepError(f"--{role} {spec!r} needs an API key in the environment variable OPENAI_API_KEY "
+                            "(any non-empty value for a local server that checks none)")
 
 
 def embedded_model_dir(cache_dir) -> Path:

@@ -93,7 +93,12 @@ def write_report(folder: Path, metrics: dict, ablations: dict[str, dict]):
         lines.append(f"| m{t} | {fmt(w['win_rate'])} | {fmt_ci(w['ci95'])} | {w['wins']} / {w['ties']} / {w['losses']} "
                      f"| {w['unparseable']} | {fmt(w['order_consistency'], 2)} | {fmt(a['win_rate'])} {fmt_ci(a['ci95'])} "
                      f"| *{fmt(PAPER['win_rate'].get(t))}* |")
-    lines += ["", "## Gold-response log-prob (summed, scored by Q_BASE)", "",
+    scripted = str(metrics["judge"]).startswith("scripted:")
+    lines += ["", "Order consistency: the share of pairs decided alike in both orders (a win or a loss); a tie lowers "
+              "it, whether the answers were equally good or the Judge contradicted itself"
+              + (". The scripted Judge never depends on the order: all its ties are answers it scores equal." if scripted
+                 else "."),
+              "", "## Gold-response log-prob (summed, scored by Q_BASE)", "",
               "| model | mean of N | best of N | m_t - m0 (per pair, mean of N) | 95% CI | *paper mean* | *paper best* |",
               "|---|---|---|---|---|---|---|"]
     for t in models:

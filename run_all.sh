@@ -15,6 +15,11 @@
 # samples (default 0); DTYPE=float32 computes local models in fp32 (default auto: bf16 on a GPU or on a CPU
 # with native bf16 matmuls).
 #
+# A step whose outputs exist checks that they were made with its settings (its args_<step>.json); if a setting
+# that changes a result differs, it stops with an error naming it. OVERWRITE=1 redoes every step of the run with
+# the new settings (--overwrite; not the toy preset's shared base model: pass --overwrite to toy_base.py itself);
+# RUN_DIR=runs/<new> keeps the old run beside the new one.
+#
 # Any preset value can be overridden from the environment: QUESTIONER, ROLEPLAYER, ORACLE, JUDGE, ITERATIONS,
 # N_TASKS, N_PERSONAS, N, TOP_K, TEST_PAIRS, EVAL_N and the *_FLAGS below; a role the preset gives the
 # Questioner's model (laptop: Roleplayer, and Oracle and Judge without a key) follows an overridden QUESTIONER:
@@ -27,6 +32,10 @@ cd "$(dirname "$0")"
 
 PRESET="${1:-toy}"
 ABLATIONS="${2:-}"
+if [ $# -gt 2 ] || { [ -n "$ABLATIONS" ] && [ "$ABLATIONS" != "--ablations" ]; }; then
+  echo "error: unknown argument '${*:2}': bash run_all.sh [preset] [--ablations]" >&2; exit 2
+fi
+OVERWRITE_FLAG=""; [ -z "${OVERWRITE:-}" ] || [ "$OVERWRITE" = 0 ] || OVERWRITE_FLAG="--overwrite"
 CACHE_DIR="${CACHE_DIR:-cache}"
 START=$SECONDS
 
@@ -85,12 +94,14 @@ case "$PRESET" in
     TRAIN_FLAGS="--batch_size 4 --grad_accum 4"
     ;;
   paper)   # Sec. 4: Mistral-7B Questioner, Mixtral-8x7B Roleplayer, GPT-4 Oracle and Judge, 3 iterations;
-           # the Roleplayer on a vLLM server (docs/CLUSTER.md has the command; ROLEPLAYER=... points elsewhere)
+           # the Roleplayer on a vLLM server (docs/CLUSTER.md has the command; ROLEPLAYER=... points elsewhere);
+           # the paper's 550 tasks from the hub (needs `pip install datasets` and the network; data/ has 120)
     QUESTIONER=hf:mistralai/Mistral-7B-Instruct-v0.2
     ROLEPLAYER=openai:mistralai/Mixtral-8x7B-Instruct-v0.1@http://127.0.0.1:8001/v1
     ORACLE=openai:gpt-4; JUDGE=openai:gpt-4
     ITERATIONS=3; N_TASKS="250 250 50"; N_PERSONAS="50 50 10"; N=10; TOP_K=1; TEST_PAIRS=300
-    MODEL_FLAGS="--batch_tokens 16384"; SIM_FLAGS=""; GEN_FLAGS=""; SELECT_FLAGS=""; TRAIN_FLAGS=""; EVAL_FLAGS=""
+    MODEL_FLAGS="--batch_tokens 16384"; SIM_FLAGS=""; SELECT_FLAGS=""; TRAIN_FLAGS=""; EVAL_FLAGS=""
+    GEN_FLAGS="--tasks hf:Dahoas/instruct-human-assistant-prompt"
     ;;
   *) echo "unknown preset '$PRESET': use tiny, toy, laptop, paper (or smoke, for the tests)" >&2; exit 2 ;;
 esac
@@ -107,6 +118,7 @@ EVAL_N="${EVAL_N:-$N}"  # test conversations per pair (the toy preset uses fewer
 ABLATION_TARGETS="${ABLATION_TARGETS:-gold none}"  # with --ablations: the paper's two, or the preset's choice
 RUN_DIR="${RUN_DIR:-runs/$PRESET}"
 COMMON="--cache_dir $CACHE_DIR --seed ${SEED:-0} --dtype ${DTYPE:-auto} $MODEL_FLAGS"
+STEP="$COMMON $OVERWRITE_FLAG"  # the flags of every step of a run
 ASK="${SERVED_QUESTIONER:-$QUESTIONER}"  # 02/03/05's Questioner and scorer: local, or on a server
 ASK_FLAGS=""; [ -z "${SERVED_QUESTIONER:-}" ] || ASK_FLAGS="--tokenizer $QUESTIONER"
 
@@ -115,10 +127,10 @@ run_method() {  # $1 = run folder, $2 = final message trained on (own | gold | n
   for ((t = 0; t < ITERATIONS; t++)); do
     echo "== $dir: iteration $t =="
     python 02_simulate.py --run_dir "$dir" --iteration "$t" --questioner "$ASK" --roleplayer "$ROLEPLAYER" \
-      --n_conversations "$N" $COMMON $ASK_FLAGS $SIM_FLAGS
+      --n_conversations "$N" $STEP $ASK_FLAGS $SIM_FLAGS
     python 03_select.py --run_dir "$dir" --iteration "$t" --questioner "$ASK" --n_conversations "$N" \
-      --top_k "$TOP_K" --target "$target" $COMMON $ASK_FLAGS $SELECT_FLAGS
-    python 04_train.py --run_dir "$dir" --iteration "$t" --questioner "$QUESTIONER" $COMMON $TRAIN_FLAGS
+      --top_k "$TOP_K" --target "$target" $STEP $ASK_FLAGS $SELECT_FLAGS
+    python 04_train.py --run_dir "$dir" --iteration "$t" --questioner "$QUESTIONER" $STEP $TRAIN_FLAGS
   done
 }
 
@@ -128,7 +140,7 @@ if [ -n "${BASE_MODEL:-}" ] && [ "$QUESTIONER" = "$PRESET_QUESTIONER" ]; then  #
 fi
 echo "== $RUN_DIR: data =="
 python 01_generate.py --run_dir "$RUN_DIR" --oracle "$ORACLE" --n_tasks $N_TASKS --n_personas $N_PERSONAS \
-  $COMMON $GEN_FLAGS
+  $STEP $GEN_FLAGS
 run_method "$RUN_DIR" own
 
 EVAL_RUNS=()
@@ -136,12 +148,13 @@ if [ "$ABLATIONS" = "--ablations" ]; then
   # The paper's ablations share the data and the iteration-0 conversations of m0 and their scores.
   for target in $ABLATION_TARGETS; do
     dir="$RUN_DIR-$target"
+    [ -z "$OVERWRITE_FLAG" ] || rm -rf "$dir"  # made again from the run's new data and conversations
     mkdir -p "$dir/iter0"
     [ -e "$dir/data" ] || ln -s "$(cd "$RUN_DIR" && pwd)/data" "$dir/data"
-    for file in conversations.jsonl scores.jsonl; do  # the same conversations, scored by the same Q_BASE
-      [ -e "$dir/iter0/$file" ] || cp "$RUN_DIR/iter0/$file" "$dir/iter0/"
+    for file in conversations.jsonl args_02_simulate.json scores.jsonl; do  # the same conversations, scored
+      [ -e "$dir/iter0/$file" ] || cp "$RUN_DIR/iter0/$file" "$dir/iter0/"  # by the same Q_BASE
     done
-    run_method "$dir" "$target"
+    STEP="$COMMON" run_method "$dir" "$target"  # no --overwrite: it would redo the shared conversations
     EVAL_RUNS+=("$dir")
   done
 fi
@@ -153,12 +166,12 @@ evaluate() {  # $1 = run folder, then extra flags
     $COMMON $ASK_FLAGS $SIM_FLAGS $EVAL_FLAGS "$@"
 }
 echo "== $RUN_DIR: evaluation =="
-evaluate "$RUN_DIR"
+evaluate "$RUN_DIR" $OVERWRITE_FLAG
 if [ ${#EVAL_RUNS[@]} -gt 0 ]; then
   for dir in "${EVAL_RUNS[@]}"; do
     echo "== $dir: evaluation (m0 shared with $RUN_DIR) =="
     evaluate "$dir" --baseline_dir "$RUN_DIR"
   done
-  evaluate "$RUN_DIR" --ablation_dirs "${EVAL_RUNS[@]}"  # everything cached: only the report is rewritten
+  evaluate "$RUN_DIR" --ablation_dirs "${EVAL_RUNS[@]}"  # finished: only the report is written again
 fi
 echo "Report: $RUN_DIR/eval/report.md (metrics: $RUN_DIR/eval/metrics.json); $(((SECONDS - START) / 60)) min $(((SECONDS - START) % 60)) s"

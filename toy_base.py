@@ -39,7 +39,8 @@ from pathlib import Path
 from models import ModelPool, load_local
 from roles import answer_view, questioner_view, roleplayer_view
 from scripted import mentions
-from utils import StepError, parse_args, read_jsonl, run_main, seed_everything, write_json_atomic, write_jsonl_atomic
+from utils import (StepError, check_rerun, parse_args, read_jsonl, record_args, run_main, seed_everything,
+                   write_json_atomic, write_jsonl_atomic)
 
 # The final answers of the warm-up: a short list of what the user told, then the task's suggestion.
 TOLD_ANSWERS = ["Keeping in mind what you told me ({values}), I suggest {suggestion}.",
@@ -64,6 +65,8 @@ class Args:
     dtype: str = field(default="auto", metadata={
         "help": "training computes in: auto (bfloat16 on a CPU with native bf16 matmuls or a GPU, else float32), "
                 "bfloat16, float32 (the merged model is saved in float32)", "choices": ["auto", "bfloat16", "float32"]})
+    overwrite: bool = field(default=False, metadata={
+        "help": "make the model again even if it exists (a rerun with other settings stops otherwise)"})
 
 
 def warmup_answer(values: list[str], suggestion: str, rng: random.Random) -> str:
@@ -129,6 +132,7 @@ def main():
     args, = parse_args(Args)
     seed_everything(args.seed)
     out, build = Path(args.out), Path(f"{args.out}.build")
+    check_rerun(build / "args_toy_base.json", [out, build / "iter0"], args.overwrite, args)
     if (out / "config.json").exists():
         print(f"toy_base: {out} exists; nothing to do")
         return
@@ -142,6 +146,7 @@ def main():
     pool = ModelPool(args.cache_dir, "no", dtype=args.dtype)
     records, revealed = warmup_records(pool.chat("embedded"), pool.chat(f"scripted:{args.world}"), tasks,
                                        args.dialogues_per_task, args.question_max_tokens, args.seed)
+    record_args(build / "args_toy_base.json", args)
     write_jsonl_atomic(build / "iter0" / "sft.jsonl", records)
 
     # Train a LoRA adapter on them with 04_train.py (the same code as every STaR-GATE iteration).
@@ -166,7 +171,8 @@ def main():
     os.replace(tmp, out)  # atomic: its presence means the model is complete
     print(f"toy_base: {len(records)} warm-up records over {len(tasks)} tasks (revealing 0 / 1 / 2 relevant values: "
           f"{' / '.join(map(str, revealed))}); "
-          f"the warmed-up model is {out} (spec hf:{out})")
+          f"the warmed-up model is {out} (spec hf:{out}); {build} keeps its warm-up records and 04_train.py's log "
+          "(the 'adapter of m1' 04 named above is the warm-up's, merged into this model)")
 
 
 if __name__ == "__main__":

@@ -4,11 +4,13 @@ Nothing here is a STaR-GATE decision; those live in the steps (and the role prom
 Model loading, generation and scoring are in `models.py`.
 """
 
+import argparse
 import dataclasses
 import hashlib
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -56,10 +58,33 @@ def peak_memory_gb() -> float:
     return peak / 1024 ** (3 if sys.platform == "darwin" else 2)
 
 
+# Whole-number settings that may be 0 (not negative); every other one is a count or a size and must be at least 1
+# (0 conversations, a batch of 0 or a cap of 0 tokens would fail deep inside a step). A split may have no tasks or
+# personas: an evaluation-only run has test pairs alone.
+MAY_BE_ZERO = {"seed", "iteration", "iterations", "gold_retries", "batch_tokens", "n_tasks", "n_personas"}
+
+
 def parse_args(*classes):
     """Build the step's --help from its dataclasses (each field's `help` metadata) and parse argv into one of
-    each: the step's own Args, then the settings it shares with other steps (as TRL parses ModelConfig)."""
-    return HfArgumentParser(classes).parse_args_into_dataclasses()
+    each: the step's own Args, then the settings it shares with other steps (as TRL parses ModelConfig).
+    A flag must be spelled out in full (no prefixes: `--n_task` is not taken for `--n_tasks`); an unknown flag or
+    a count below 1 is a StepError naming it."""
+    parser = HfArgumentParser(classes, allow_abbrev=False)
+    for action in parser._actions:  # a boolean flag's --no_<name> twin: its own help, not the flag's
+        if action.option_strings and action.option_strings[0].startswith("--no_"):
+            action.help, action.default = f"turn --{action.dest} off", argparse.SUPPRESS
+    *parsed, unknown = parser.parse_args_into_dataclasses(return_remaining_strings=True)
+    if unknown:
+        raise StepError(f"unknown argument {unknown[0]!r} ({Path(sys.argv[0]).name} --help lists the flags)")
+    for part in parsed:
+        for name, value in dataclasses.asdict(part).items():
+            values = value if isinstance(value, list) else [value]
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+                continue
+            lowest = 0 if name in MAY_BE_ZERO else 1
+            if any(v < lowest for v in values):
+                raise StepError(f"--{name} must be at least {lowest} (got {' '.join(map(str, values))})")
+    return parsed
 
 
 def seed_everything(seed: int):
@@ -99,6 +124,46 @@ def provenance() -> dict:
             "machine": f"{cpu}, {os.cpu_count()} cores" + (f", {gpu}" if gpu else ""),
             "torch": torch.__version__, "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d", time.gmtime())}
+
+
+# Settings that change how fast a step runs, how much memory it takes, or where its files go, but not what it
+# computes: a rerun may change them freely. Every other setting is compared with the one recorded (check_rerun).
+NOT_RESULT_SETTINGS = {
+    "run_dir", "out", "cache_dir",   # where outputs and caches go (the record lies beside the outputs)
+    "batch_size", "batch_tokens",    # rows computed together (bf16 rounding aside); 04's batch_size counts: it
+    "chunk_size",                    #   is its training batch. chunk_size: 03's records saved together
+    "save_steps",                    # how often 04 saves a checkpoint to resume from
+    "baseline_dir", "ablation_dirs", # 05: whose m0 to copy, which ablation runs to report beside this one
+    "overwrite",
+}
+
+
+def check_rerun(record: Path, outputs: list, overwrite: bool, *parts, counted=()):
+    """Before a step works: compare its settings (its parsed dataclasses) with those it recorded in `record`
+    (args_<step>.json) when its outputs were made. Outputs made with other settings must not be mixed with new
+    ones or silently reused: if any output (or its partial file) exists and a setting that can change a result
+    differs, stop with a StepError naming each (old -> new), changing nothing. With --overwrite, the outputs are
+    removed instead, to be made again. counted: names in NOT_RESULT_SETTINGS that do change this step's result.
+    Settings missing from an older record are not compared."""
+    record = Path(record)
+    existing = [Path(p) for p in outputs if Path(p).exists() and Path(p) != record]
+    if overwrite:
+        for path in existing:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        return
+    if not existing or not record.is_file():
+        return
+    before = json.loads(record.read_text(encoding="utf-8"))
+    now = json.loads(json.dumps({k: v for part in parts for k, v in dataclasses.asdict(part).items()}))
+    ignored = NOT_RESULT_SETTINGS - set(counted)
+    changed = [f"--{k} {before[k]!r} -> {now[k]!r}" for k in now
+               if k in before and k not in ignored and before[k] != now[k]]
+    if changed:
+        raise StepError(f"{record.parent}: made with other settings ({', '.join(changed)}; recorded in "
+                        f"{record.name}); pass --overwrite to redo this step, or use another --run_dir")
 
 
 def record_args(path: Path, *parts):

@@ -182,3 +182,35 @@ def test_training_records_with_nothing_to_learn(run, model_cache):
                                                             {"role": "assistant", "content": "yo", "train": False}]}])
     fails("04_train.py", "--run_dir", run, "--cache_dir", model_cache, "--load_in_4bit", "no", folder=run,
           expected="no message is marked for training")
+
+
+# --- Flags: misspelled, abbreviated, out of range; specs checked before any work ------------------------
+
+@pytest.mark.parametrize("flag", ["--n_taks", "--n_task"])  # a typo, and a prefix argparse would take for --n_tasks
+def test_a_flag_must_be_spelled_out(tmp_path, flag):
+    fails("01_generate.py", "--run_dir", tmp_path / "r", flag, 2, 2, 2, folder=tmp_path,
+          expected=f"unknown argument '{flag}'")
+
+
+@pytest.mark.parametrize("step,flag", [("02_simulate.py", "--n_conversations"), ("05_eval.py", "--test_pairs")])
+def test_a_count_below_one_is_refused(run, step, flag):
+    fails(step, "--run_dir", run, flag, 0, folder=run, expected=f"{flag} must be at least 1 (got 0)")
+
+
+@pytest.mark.parametrize("role,spec,expected", [("--judge", "foo:bar", "unknown model spec 'foo:bar'"),
+                                                ("--questioner", "scripted:data/toy", "cannot be the questioner")])
+def test_every_role_spec_is_checked_before_any_work(run, model_cache, role, spec, expected):
+    fails("05_eval.py", "--run_dir", run, "--iterations", 0, "--n_conversations", 1, "--cache_dir", model_cache,
+          role, spec, folder=run, expected=expected)
+
+
+def test_run_all_refuses_an_unknown_argument(tmp_path):
+    done = subprocess.run(["bash", "run_all.sh", "toy", "--ablation"], cwd=REPO, capture_output=True, text=True,
+                          timeout=60, env=dict(os.environ, RUN_DIR=str(tmp_path / "run")))
+    assert done.returncode == 2 and done.stderr.startswith("error: unknown argument '--ablation'")
+    assert not (tmp_path / "run").exists() and done.stdout == ""
+
+
+def test_human_py_explains_itself():
+    done = subprocess.run([sys.executable, "human.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "--roleplayer human" in done.stdout and "--judge human" in done.stdout

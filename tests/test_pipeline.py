@@ -228,3 +228,4 @@ def test_a_second_run_recomputes_nothing(smoke):
     stdout = run_all(env)
     assert snapshot() == before  # no record, adapter or cached Oracle/Judge call was made again
     assert stdout.count("nothing to do") == 1 + 3 * ITERATIONS
+    assert f"05_eval: {run}/eval is complete" in stdout  # metrics not recomputed, no model loaded

@@ -210,3 +210,4 @@ def test_toy_evaluation_judges_answers_and_reports_what_they_used(tmp_path, mode
     assert "answers_m0" in m1 and metrics["provenance"]["commit"]
     report = (run / "eval" / "report.md").read_text()
     assert "## Final answers" in report and "values never told" in report
+    assert "The scripted Judge never depends on the order" in report  # why its order consistency is low

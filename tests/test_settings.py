@@ -75,6 +75,8 @@ def test_each_preset_simulates_and_loads_models_alike_in_every_step(tmp_path, pr
             simulation.append((step, settings[SimulationSettings]))
         # A person at the terminal is never a preset's role: a preset must run unattended.
         assert "human" not in [getattr(args, role, None) for role in ("oracle", "questioner", "roleplayer", "judge")]
+        if step == "01_generate" and not args.tasks.startswith("hf:"):  # the preset's tasks are there (paper: the hub's)
+            assert sum(args.n_tasks) <= len((REPO / args.tasks).read_text().splitlines()), (preset, args.tasks)
     assert {step for step, _ in simulation} == {"02_simulate", "05_eval"}
     assert all(s == simulation[0][1] for _, s in simulation), simulation  # evaluation simulates as training did
     assert all(m == loading[0] for m in loading), loading
@@ -82,6 +84,15 @@ def test_each_preset_simulates_and_loads_models_alike_in_every_step(tmp_path, pr
 
 def flag(call, name):
     return call[call.index(name) + 1]
+
+
+def test_overwrite_reaches_every_step_of_the_run(tmp_path):
+    """OVERWRITE=1 redoes the run's steps (not the toy preset's shared base model, not the report-only last 05)."""
+    (tmp_path / "plain").mkdir(), (tmp_path / "redo").mkdir()
+    plain = dry_run(tmp_path / "plain", "toy")
+    redo = dry_run(tmp_path / "redo", "toy", OVERWRITE="1")
+    assert not any("--overwrite" in call for call in plain)
+    assert [call[0] for call in redo if "--overwrite" in call] == [call[0] for call in redo][1:]  # all but toy_base
 
 
 def test_the_environment_overrides_a_presets_values(tmp_path):
@@ -170,3 +181,14 @@ def test_project_modules_import_each_other_in_no_circle():
 
     for name in graph:
         visit(name, [])
+
+
+def test_a_no_flag_says_what_it_does(monkeypatch, capsys):
+    """--no_gradient_checkpointing's help is its own, not a copy of --gradient_checkpointing's."""
+    from utils import parse_args
+
+    monkeypatch.setattr(sys, "argv", ["04_train.py", "--help"])
+    with pytest.raises(SystemExit):
+        parse_args(importlib.import_module("04_train").Args, ModelSettings)
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--no-gradient-checkpointing turn --gradient_checkpointing off" in text
