@@ -482,13 +482,19 @@ class ModelPool:
                  batch_tokens=BATCH_TOKENS, tokenizer=""):
         self.cache_dir, self.load_in_4bit, self.trust_remote_code = cache_dir, load_in_4bit, trust_remote_code
         self.dtype, self.batch_tokens, self.tokenizer = dtype, batch_tokens, tokenizer
-        self.loaded = {}
+        self.loaded, self.tokenizer_loaded = {}, None
 
     def local(self, spec) -> LocalLM:
         if spec not in self.loaded:
             self.loaded[spec] = LocalLM(spec, self.cache_dir, self.load_in_4bit, self.trust_remote_code, self.dtype,
                                         batch_tokens=self.batch_tokens)
         return self.loaded[spec]
+
+    def served_tokenizer(self):
+        """The tokenizer of --tokenizer (the served Questioner's model), loaded once."""
+        if self.tokenizer_loaded is None:
+            self.tokenizer_loaded = load_tokenizer(self.tokenizer, self.cache_dir, self.trust_remote_code)[0]
+        return self.tokenizer_loaded
 
     def scorer(self, spec):
         """What scores with the model `spec` (no adapter): the local model, or for 'openai:' the ServerScorer,
@@ -502,15 +508,18 @@ class ModelPool:
             self.loaded[spec] = ServerScorer(spec, self.tokenizer, self.cache_dir, self.trust_remote_code)
         return self.loaded[spec]
 
-    def chat(self, spec, adapter=None, call_cache=None):
+    def chat(self, spec, adapter=None, call_cache=None, questioner=False):
         """A role's chat model. adapter: (name, path) to generate with a LoRA adapter attached; on a server,
-        the server answers as base + adapter under the adapter's served name (server.serve_adapter)."""
+        the server answers as base + adapter under the adapter's served name (server.serve_adapter).
+        questioner: the role is the Questioner, whose server serves the model --tokenizer names: its messages reach
+        the server shaped for that model's chat template as they would be locally (OpenAIChat)."""
         kind, name, base_url = parse_spec(spec)
         if kind == "openai":
-            model = OpenAIChat(name, base_url)
+            system_ok = template_accepts_system(self.served_tokenizer()) if questioner and self.tokenizer else True
+            model = OpenAIChat(name, base_url, system_ok=system_ok)
             if adapter is not None:
                 with model.errors():
-                    model = OpenAIChat(serve_adapter(model.client, *adapter), base_url)
+                    model = OpenAIChat(serve_adapter(model.client, *adapter), base_url, system_ok=system_ok)
         elif kind == "scripted":  # the toy preset's roles; the sentence encoder loads on first use
             if spec not in self.loaded:
                 self.loaded[spec] = ScriptedChat(name)
@@ -552,11 +561,14 @@ def truncated(chat, prompts, max_new_tokens: int) -> list[bool]:
 class OpenAIChat:
     """A role played by a model behind an OpenAI-compatible chat API.
 
+    The messages reach the server as they reach a local model's chat template (normalise_messages: turns of one
+    role in a row merged, and the system message folded into the first user turn when system_ok is False), so a
+    role played on a server sees exactly the turns it would see locally; the server applies its template to them.
     The openai client retries 429 (honouring Retry-After), 5xx, timeouts and dropped connections with
     exponential backoff; permanent errors (bad key, unknown model) fail at once with a clear message.
     """
 
-    def __init__(self, model, base_url=None, timeout=120.0, max_retries=None, concurrency=8):
+    def __init__(self, model, base_url=None, timeout=120.0, max_retries=None, concurrency=8, system_ok=True):
         import openai
 
         key = os.environ.get("OPENAI_API_KEY")
@@ -569,14 +581,14 @@ class OpenAIChat:
             raise StepError(f"STARGATE_MAX_RETRIES must be a whole number (got {retries!r})")
         retries = int(retries)
         self.client = openai.OpenAI(api_key=key, base_url=self.base_url, timeout=timeout, max_retries=retries)
-        self.model, self.concurrency, self.name = model, concurrency, f"openai:{model}"
+        self.model, self.concurrency, self.name, self.system_ok = model, concurrency, f"openai:{model}", system_ok
         self.cache_id = f"{self.name}@{self.base_url}"  # the same model name on two servers is two models
         self.openai = openai
 
     def one(self, messages, max_new_tokens, temperature, top_p, seed):
         with self.errors(max_new_tokens):
             reply = self.client.chat.completions.create(
-                model=self.model, messages=messages, max_tokens=max_new_tokens, temperature=temperature,
+                model=self.model, messages=normalise_messages(messages, self.system_ok), max_tokens=max_new_tokens, temperature=temperature,
                 top_p=top_p, seed=seed)
         return reply.choices[0].message.content or ""
 
@@ -685,6 +697,22 @@ class CachedChat:
             remember(list(enumerate(texts, start=start)))
 
 
+def load_tokenizer(tokenizer_spec, cache_dir="cache", trust_remote_code=False):
+    """(tokenizer, context length) of the local model that --tokenizer names: a served Questioner's model, whose
+    weights stay on the server."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    if parse_spec(tokenizer_spec)[0] not in ("embedded", "hf"):
+        raise StepError(f"--tokenizer must name a local model's tokenizer, 'embedded' or 'hf:<hub id or path>' "
+                        f"(got {tokenizer_spec!r})")
+    path = str(embedded_model_dir(cache_dir)) if tokenizer_spec == "embedded" else parse_spec(tokenizer_spec)[1]
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return tokenizer, model_context(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
+    except OSError as error:
+        raise StepError(f"--tokenizer {tokenizer_spec!r}: {str(error).splitlines()[0]}") from None
+
+
 class ServerScorer:
     """Q_BASE's score of a response (LocalLM.score) computed by an OpenAI-compatible server.
 
@@ -697,18 +725,8 @@ class ServerScorer:
     """
 
     def __init__(self, spec, tokenizer_spec, cache_dir="cache", trust_remote_code=False, concurrency=8):
-        from transformers import AutoConfig, AutoTokenizer
-
         _, name, base_url = parse_spec(spec)
-        if parse_spec(tokenizer_spec)[0] not in ("embedded", "hf"):
-            raise StepError(f"--tokenizer must name a local model's tokenizer, 'embedded' or 'hf:<hub id or path>' "
-                            f"(got {tokenizer_spec!r})")
-        path = str(embedded_model_dir(cache_dir)) if tokenizer_spec == "embedded" else parse_spec(tokenizer_spec)[1]
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-            self.context_length = model_context(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
-        except OSError as error:
-            raise StepError(f"--tokenizer {tokenizer_spec!r}: {str(error).splitlines()[0]}") from None
+        self.tokenizer, self.context_length = load_tokenizer(tokenizer_spec, cache_dir, trust_remote_code)
         self.server = OpenAIChat(name, base_url)
         self.spec, self.system_ok, self.concurrency = spec, template_accepts_system(self.tokenizer), concurrency
         self.token_ids = None  # whether the server takes prompts as token ids (asked before the first request)
