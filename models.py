@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from decoding import generate_batch, plan_prefill, score_batch
 from human import HumanChat
 from scripted import ScriptedChat
-from server import prompt_tail, scoring_request, serve_adapter, takes_token_ids
+from server import prefix_caching_on, prompt_tail, scoring_request, serve_adapter, takes_token_ids
 from utils import StepError, append_jsonl, read_partial
 
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -738,13 +738,18 @@ class ServerScorer:
         """(logprob, n_tokens, truncated) of each response after its prompt, as LocalLM.score returns them."""
         if adapter is not None:
             raise StepError("a server scores with the base model only (Q_BASE)")
-        pairs = [fit_scored(*encode_chat(self.tokenizer, p, r, self.system_ok), self.context_length)
-                 for p, r in zip(prompts, responses)]
+        # The server generates one token after the prompt (scoring_request), which must fit the context too.
+        room = self.context_length - 1 if self.context_length else None
+        pairs = [fit_scored(*encode_chat(self.tokenizer, p, r, self.system_ok), room) for p, r in zip(prompts, responses)]
         keys = [hashlib.sha256(json.dumps([self.server.cache_id, p, r]).encode()).hexdigest() for p, r, _ in pairs]
         todo = list({k: i for i, k in enumerate(keys) if k not in self.done}.values())  # each new call once
         if todo and self.token_ids is None:
             with self.server.errors():
                 self.token_ids = takes_token_ids(self.server.client)
+            if self.token_ids and prefix_caching_on(self.server.client):
+                raise StepError(f"{self.server.base_url} caches prompt prefixes, and then a prompt's log-probs can depend "
+                                "on the requests scored before it (vLLM issue 42019): restart vLLM with "
+                                "--no-enable-prefix-caching to score there (docs/CLUSTER.md)")
         call_concurrently(self.one, [pairs[i][:2] for i in todo], self.concurrency, desc,
                           on_result=lambda j, logprob: self.remember(keys[todo[j]], logprob))
         return [(self.done[k], len(r), cut) for k, (_, r, cut) in zip(keys, pairs)]

@@ -23,8 +23,9 @@ import torch
 
 
 class StrictServer:
-    def __init__(self, lm, name: str, prefix_caching: bool = False, faults=None):
+    def __init__(self, lm, name: str, prefix_caching: bool = False, faults=None, context_length=None):
         self.lm, self.name, self.prefix_caching, self.faults = lm, name, prefix_caching, dict(faults or {})
+        self.context_length = context_length or lm.context_length  # vLLM's --max-model-len
         self.prompts, self.requests, self.lock = [], [], threading.Lock()
 
     def __enter__(self):
@@ -101,8 +102,8 @@ class StrictServer:
     @torch.inference_mode()
     def complete(self, body):
         ids, n = body["prompt"], body.get("prompt_logprobs")
-        if len(ids) + body.get("max_tokens", 16) > self.lm.context_length:
-            return 400, error(f"This model's maximum context length is {self.lm.context_length} tokens. However, you "
+        if len(ids) + body.get("max_tokens", 16) > self.context_length:
+            return 400, error(f"This model's maximum context length is {self.context_length} tokens. However, you "
                               f"requested {len(ids) + body['max_tokens']} tokens", 400)
         entries = None
         if n is not None and (n > 0 or not self.faults.get("prompt_logprobs_zero")):

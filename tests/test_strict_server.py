@@ -14,7 +14,7 @@ import pytest
 from mistral_standin import build_standin
 from strict_server import StrictServer
 
-from models import LocalLM, ModelPool, embedded_model_dir
+from models import LocalLM, ModelPool, embedded_model_dir, encode_chat
 from roles import answer_view, questioner_view
 from scripted import World
 from utils import StepError, read_jsonl, write_jsonl_atomic
@@ -112,3 +112,64 @@ def test_the_served_questioner_route_runs_02_03_04_02_on_a_strict_server(standin
     assert len(scores) == 2 and all(s["logprob"] < 0 and s["n_tokens"] > 0 for s in scores)
     assert len(read_jsonl(run / "iter1" / "conversations.jsonl", "conversation")) == 2
     assert json.loads((run / "iter0" / "train_log.json").read_text())
+
+
+PAIRS = ([questioner_view("Ada", "Plan a dinner.", DIALOGUE), answer_view("Ben", "Name a fruit.", [])],
+         ["Pasta with chili oil, at home, for two.", "An apple."])
+
+
+def scorer_on(server, standin, cache):
+    return ModelPool(cache, tokenizer=f"hf:{standin}").scorer(f"openai:standin@{server.base_url}")
+
+
+def test_server_scores_equal_local_scores_though_prompt_logprobs_0_returns_none(standin, local, tmp_path):
+    """Early vLLM V1 versions answered prompt_logprobs 0 with no prompt log-probs: the scorer asks for 1."""
+    with StrictServer(local, "standin", faults={"prompt_logprobs_zero": True}) as server:
+        scores = scorer_on(server, standin, tmp_path).score(*PAIRS)
+    assert [body["prompt_logprobs"] for _, body in server.requests] == [1, 1]
+    for (logprob, n, cut), (expected, n_local, _) in zip(scores, local.score(*PAIRS)):
+        assert n == n_local and not cut and abs(logprob - expected) < 1e-3 * n
+
+
+
+def test_a_pair_that_fills_the_context_is_cut_to_leave_room_for_the_generated_token(standin, local, tmp_path,
+                                                                                    monkeypatch):
+    """The server generates one token after the prompt, so a pair exactly as long as the context is cut by one
+    token (vLLM refuses a prompt plus max_tokens longer than the context with a 400)."""
+    prompt, response = PAIRS[0][0], PAIRS[1][0]
+    prompt_ids, response_ids = encode_chat(local.tokenizer, prompt, response, local.system_ok)
+    context = len(prompt_ids) + len(response_ids)
+    monkeypatch.setenv("STARGATE_CONTEXT_LENGTH", str(context))  # the scorer's context, from --tokenizer's config
+    with StrictServer(local, "standin", context_length=context) as server:
+        [(logprob, n_tokens, cut)] = scorer_on(server, standin, tmp_path).score([prompt], [response])
+    [body] = [body for _, body in server.requests]
+    assert len(body["prompt"]) + body["max_tokens"] == context
+    assert cut and logprob < 0 and n_tokens == len(response_ids)
+
+
+def test_a_server_that_caches_prompt_prefixes_is_refused_for_scoring(standin, local, tmp_path):
+    """With prefix caching on, vLLM's prompt log-probs can depend on the order of requests (vLLM issue 42019)."""
+    with StrictServer(local, "standin", prefix_caching=True) as server:
+        with pytest.raises(StepError, match="caches prompt prefixes.*--no-enable-prefix-caching"):
+            scorer_on(server, standin, tmp_path).score(*PAIRS)
+    assert not [path for path, _ in server.requests if path == "/v1/completions"]
+
+
+@pytest.fixture(scope="module")
+def adapter(standin, tmp_path_factory):
+    """A LoRA adapter of the stand-in, untrained (B = 0), as 04 saves one."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("adapter")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(standin), LoraConfig(r=4, target_modules="all-linear"))
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_an_adapter_the_server_fails_to_load_is_one_clear_error_at_once(local, adapter, model_cache):
+    """Newer vLLM answers 500 to a failed load: one request, and the server's reason, not a minute of retries."""
+    with StrictServer(local, "standin", faults={"load_adapter": 500}) as server:
+        with pytest.raises(StepError, match=r"refused to load the adapter .*\(500: .*max_lora_rank 16\)"):
+            ModelPool(model_cache).chat(f"openai:standin@{server.base_url}", adapter=("m1", adapter), questioner=True)
+    assert [path for path, _ in server.requests].count("/v1/load_lora_adapter") == 1
