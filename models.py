@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from decoding import generate_batch, plan_prefill, score_batch
+from decoding import allocated_width, generate_batch, plan_prefill, score_batch
 from human import HumanChat
 from scripted import ScriptedChat
 from server import prefix_caching_on, prompt_tail, scoring_request, serve_adapter, takes_token_ids
@@ -54,11 +54,13 @@ class ModelSettings:
     cache_dir: str = dataclasses.field(default="cache", metadata={
         "help": "where the embedded model is cached, and the Oracle's (01) and the Judge's (05) call caches"})
     load_in_4bit: str = dataclasses.field(default="auto", metadata={
-        "help": "4-bit NF4 local models (04: the QLoRA base): auto (when CUDA is present), yes, no",
-        "choices": ["auto", "yes", "no"]})
+        "help": "4-bit NF4 local models (04: the QLoRA base): auto (on a CUDA GPU, for models of 3B parameters or "
+                "more), yes, no", "choices": ["auto", "yes", "no"]})
     dtype: str = dataclasses.field(default="auto", metadata={
-        "help": "weights of unquantized local models: auto (bfloat16 on a GPU or a CPU with native bf16 matmuls, "
-                "else float32), bfloat16, float32", "choices": ["auto", "bfloat16", "float32"]})
+        "help": "what local models compute in (unquantized weights, 4-bit weights' compute dtype, 04's mixed "
+                "precision): auto (on a GPU bfloat16 from compute capability 8.0, float16 below; on a CPU bfloat16 "
+                "with native bf16 matmuls or 4-bit weights, else float32), bfloat16, float16, float32",
+        "choices": ["auto", "bfloat16", "float16", "float32"]})
     trust_remote_code: bool = dataclasses.field(default=False, metadata={
         "help": "allow custom model code from the hub"})
     batch_tokens: int = dataclasses.field(default=BATCH_TOKENS, metadata={
@@ -111,28 +113,39 @@ def embedded_model_dir(cache_dir) -> Path:
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=EMBEDDED_FILE, dtype=torch.float32,
                                                  quantization_config=GgufConfig(dequantize=True))
     model.config.quantization_config = None
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        os.replace(tmp, folder)  # atomic: a crash never leaves a half-written cache that looks complete
-    except OSError:  # another process (a parallel test worker) cached it first
-        if not (folder / "model.safetensors").exists():
-            raise
-        shutil.rmtree(tmp)
+    save_atomically(model, tokenizer, folder)
     return folder
 
 
-def want_4bit(setting) -> bool:
-    """--load_in_4bit auto|yes|no: auto means 4-bit NF4 exactly when a CUDA GPU is present."""
+# --load_in_4bit auto quantizes a model this big or bigger on a GPU: a 7B model needs 4 bits to train beside its
+# roles on one GPU; the embedded 135M model and toy-base do not, and quantized they would compute another model on
+# a GPU than on a CPU (they are trained and evaluated unquantized).
+QUANTIZE_MIN_PARAMS = 3_000_000_000
+
+
+def want_4bit(setting, path=None, trust_remote_code=False) -> bool:
+    """--load_in_4bit auto|yes|no for the model at `path` (a folder or hub id): auto means 4-bit NF4 on a CUDA GPU
+    for a model of at least QUANTIZE_MIN_PARAMS parameters (counted from its config; no path: any model)."""
     if isinstance(setting, bool):
         return setting
     if setting not in ("auto", "yes", "no"):
         raise StepError(f"--load_in_4bit must be auto, yes or no (got {setting!r})")
-    return torch.cuda.is_available() if setting == "auto" else setting == "yes"
+    if setting != "auto" or not torch.cuda.is_available():
+        return setting == "yes"
+    return path is None or count_params(path, trust_remote_code) >= QUANTIZE_MIN_PARAMS
 
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+def count_params(path, trust_remote_code=False) -> int:
+    """Parameters of the model at `path`, built from its config on the meta device (no weights read)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code).num_parameters()
+
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def cpu_has_bf16() -> bool:
@@ -144,33 +157,80 @@ def cpu_has_bf16() -> bool:
         return False
 
 
-def resolve_dtype(setting) -> torch.dtype:
-    """--dtype auto|bfloat16|float32 of unquantized local weights: auto means bfloat16 on a CUDA GPU or on
-    a CPU with native bf16 matmuls, else float32."""
+def resolve_dtype(setting, quantized: bool = False) -> torch.dtype:
+    """--dtype auto|bfloat16|float16|float32: what local models compute in, decided here only (the weights of an
+    unquantized model, the compute dtype of a 4-bit one, 04's mixed precision: mixed_precision).
+
+    auto, on a CUDA GPU: bfloat16 from compute capability 8.0 (A100, H100, RTX 30xx on), float16 below it (T4,
+    V100, RTX 20xx emulate or refuse bf16, bitsandbytes' fused 4-bit kernel is fp16-only there, and attention
+    falls back to its slow kernel). On a CPU: bfloat16 where it multiplies bf16 natively, or for 4-bit weights
+    (bitsandbytes' CPU kernels compute in bf16), else float32."""
     if setting == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() or cpu_has_bf16() else torch.float32
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float16
+        return torch.bfloat16 if quantized or cpu_has_bf16() else torch.float32
     if setting not in DTYPES:
-        raise StepError(f"--dtype must be auto, bfloat16 or float32 (got {setting!r})")
+        raise StepError(f"--dtype must be auto, bfloat16, float16 or float32 (got {setting!r})")
     return DTYPES[setting]
 
 
+def mixed_precision(dtype: torch.dtype) -> dict:
+    """Trainer's flags for computing in `dtype` on a GPU: bf16, or fp16 with the loss scaling Trainer then does
+    (the LoRA weights stay float32: peft keeps them so). On a CPU, none: the model computes in its weights' dtype."""
+    cuda = torch.cuda.is_available()
+    return {"bf16": cuda and dtype == torch.bfloat16, "fp16": cuda and dtype == torch.float16}
+
+
+def nf4_dir(path, cache_dir, dtype) -> Path:
+    """Where the 4-bit NF4 copy of the model at `path` (a folder or hub id) computing in `dtype` is cached: loaded
+    from there, a 7B model is read as ~4 GB of NF4 weights instead of its 14.5 GB checkpoint being read and
+    quantized again by every step (the same weights: bitsandbytes quantizes deterministically). A local folder is
+    keyed by its files' sizes and times too, so a model rewritten in place is quantized anew."""
+    source = Path(path)
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in source.iterdir() if f.is_file()) \
+        if source.is_dir() else []
+    key = hashlib.sha256(json.dumps([str(source.resolve()) if source.is_dir() else path, files, str(dtype)]).encode())
+    return Path(cache_dir) / "nf4" / f"{source.name}-{key.hexdigest()[:12]}"
+
+
+def save_atomically(model, tokenizer, folder: Path):
+    """save_pretrained into `folder` all at once (beside, then renamed): a crash never leaves a half-written copy
+    that looks complete. Another process (a DDP rank) that saved it first wins."""
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, folder)
+    except OSError:
+        if not (folder / "config.json").exists():
+            raise
+        shutil.rmtree(tmp)
+
+
 def load_local(spec: str, cache_dir="cache", load_in_4bit="no", trust_remote_code=False, dtype="auto"):
-    """Load (model, tokenizer) for an 'embedded' or 'hf:' spec. 4-bit: bitsandbytes NF4, bf16 compute;
-    otherwise weights in `dtype` (resolve_dtype)."""
+    """Load (model, tokenizer) for an 'embedded' or 'hf:' spec: in 4-bit NF4 (bitsandbytes) as want_4bit decides,
+    computing in `dtype` (resolve_dtype)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    load_in_4bit = want_4bit(load_in_4bit)
-    dtype = resolve_dtype(dtype)
     kind, name, _ = parse_spec(spec)
     if kind in ("openai", "scripted", "human"):
         raise StepError(f"{spec!r} is not a local model; this role needs local weights ('embedded' or 'hf:...')")
     path = str(embedded_model_dir(cache_dir)) if kind == "embedded" else name
+    try:
+        load_in_4bit = want_4bit(load_in_4bit, path, trust_remote_code)
+    except OSError as error:
+        raise StepError(f"cannot load model {spec!r}: {str(error).splitlines()[0]}") from None
+    dtype = resolve_dtype(dtype, load_in_4bit)
     options = dict(trust_remote_code=trust_remote_code)
+    quantized = nf4_dir(path, cache_dir, dtype) if load_in_4bit else None
     if load_in_4bit:
-        options["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
         options["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else "cpu"
+        if (quantized / "config.json").exists():  # quantized before: its config says how
+            path = str(quantized)
+        else:
+            options["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype)
     else:
         options["dtype"] = dtype
     try:
@@ -178,6 +238,8 @@ def load_local(spec: str, cache_dir="cache", load_in_4bit="no", trust_remote_cod
         model = AutoModelForCausalLM.from_pretrained(path, **options)
     except OSError as error:
         raise StepError(f"cannot load model {spec!r}: {str(error).splitlines()[0]}") from None
+    if load_in_4bit and path != str(quantized):
+        save_atomically(model, tokenizer, quantized)
     if not load_in_4bit and torch.cuda.is_available():
         model.to("cuda")
     if tokenizer.pad_token is None:
@@ -430,9 +492,21 @@ class LocalLM:
             longest[g] = max(longest.get(g, 0), lengths[i])
         return sorted(range(len(prompt_ids)), key=lambda i: (-longest[group[i]], group[i], -lengths[i]))
 
-    def batches(self, prompt_ids, lengths, batch_size: int) -> list[list[int]]:
-        """The batches to run, in batch_order: each at most batch_size rows and batch_tokens tokens."""
-        return token_batches(self.batch_order(prompt_ids, lengths), lengths, batch_size, self.batch_tokens)
+    def batches(self, prompt_ids, tails, batch_size: int) -> list[list[int]]:
+        """The batches to run, in batch_order: each at most batch_size rows and batch_tokens tokens. tails: what
+        follows each prompt (new tokens, or the scored response). The tokens are counted as the decoder allocates
+        its KV cache, rows x the prefill plan's width (decoding.allocated_width), which can exceed the longest
+        row: a batch that does not fit so is cut in halves until each does (or runs alone)."""
+        lengths = [len(ids) + tail for ids, tail in zip(prompt_ids, tails)]
+        batches = token_batches(self.batch_order(prompt_ids, lengths), lengths, batch_size, self.batch_tokens)
+
+        def fitted(rows):
+            width = allocated_width([prompt_ids[i] for i in rows], [tails[i] for i in rows], self.min_shared)
+            if len(rows) == 1 or not self.batch_tokens or len(rows) * width <= self.batch_tokens:
+                return [rows]
+            return fitted(rows[:len(rows) // 2]) + fitted(rows[len(rows) // 2:])
+
+        return [part for rows in batches for part in fitted(rows)]
 
     @torch.inference_mode()
     def generate(self, prompts, adapter=None, max_new_tokens=128, temperature=0.0, top_p=1.0, seed=0,
@@ -441,7 +515,7 @@ class LocalLM:
         prefilled once, and rows that finish leave the batch at once (decoding.generate_batch), in the
         order of batch_order. With an adapter, a small model generates from a merged copy (merged_copy)."""
         encoded = [self.prompt_ids(p, max_new_tokens)[0] for p in prompts]  # cut to fit the context, if need be
-        batches = self.batches(encoded, [len(ids) + max_new_tokens for ids in encoded], batch_size)
+        batches = self.batches(encoded, [max_new_tokens] * len(encoded), batch_size)
         outputs = [None] * len(encoded)
         stop = {self.tokenizer.eos_token_id, *self.stop_ids}
         with self.using(adapter, merged=True) as model:
@@ -464,7 +538,7 @@ class LocalLM:
         """
         pairs = [fit_scored(*encode_chat(self.tokenizer, p, r, self.system_ok), self.context_length)
                  for p, r in zip(prompts, responses)]
-        batches = self.batches([p for p, _, _ in pairs], [len(p) + len(r) for p, r, _ in pairs], batch_size)
+        batches = self.batches([p for p, _, _ in pairs], [len(r) for _, r, _ in pairs], batch_size)
         results = [None] * len(pairs)
         with self.using(adapter) as model:
             for rows in tqdm(batches, desc=desc, leave=False, disable=desc is None):
