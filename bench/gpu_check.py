@@ -259,7 +259,7 @@ def run_all(args) -> dict:
     done = subprocess.run(["bash", "run_all.sh", "laptop"], cwd=ROOT, env=env, capture_output=True, text=True)
     report = root / "run" / "eval" / "report.md"
     return {"returncode": done.returncode, "seconds": time.perf_counter() - start, "report": report.is_file(),
-            "tail": (done.stdout + done.stderr)[-2000:]}
+            "tail": (done.stdout if done.returncode == 0 else done.stdout + done.stderr)[-2000:]}
 
 
 def main():
