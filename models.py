@@ -791,7 +791,8 @@ class ServerScorer:
     """Q_BASE's score of a response (LocalLM.score) computed by an OpenAI-compatible server.
 
     The prompt and response are encoded by OUR tokenizer and chat template (encode_chat) and cut to fit as
-    LocalLM cuts them (fit_scored), so the server scores exactly the tokens local scoring would; the server
+    LocalLM cuts them (fit_scored; one token short of the context, for the one token the server generates), so the
+    server scores exactly the tokens local scoring would (at a context one token longer); the server
     returns each prompt token's log-prob (server.scoring_request) and the response's are summed. vLLM takes the
     token ids; llama.cpp's Python server takes text only (its prompt is a string), so it gets the text of our ids
     and the tokens it echoes are compared with ours. Every call is cached on disk, keyed by the server's model
