@@ -153,7 +153,7 @@ def main():
     # Q_t asks (base + adapter of iteration t-1); the Roleplayer is the fixed base model. When both name
     # the same model they share one loaded copy, the adapter switched off for the Roleplayer.
     pool = model_args.pool()
-    questioner = pool.chat(args.questioner, adapter=questioner_adapter(args.run_dir, args.iteration))
+    questioner = pool.chat(args.questioner, adapter=questioner_adapter(args.run_dir, args.iteration), questioner=True)
     roleplayer = pool.chat(args.roleplayer)
     record_args(out / "args_02_simulate.json", args, sim_args, model_args)
     conversations = simulate_pairs(questioner, roleplayer, pairs, sim_args, n_conversations=args.n_conversations,

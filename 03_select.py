@@ -124,7 +124,7 @@ def main():
     by_key = {record_key("conversation", c): c for c in conversations}
 
     # 3. The final message: Q_t's own greedy answer (the method), the gold answer, or none.
-    questioner = pool.chat(args.questioner, adapter=questioner_adapter(args.run_dir, args.iteration))
+    questioner = pool.chat(args.questioner, adapter=questioner_adapter(args.run_dir, args.iteration), questioner=True)
 
     def sft_records(_, chunk, keys):
         convs = [by_key[k] for k in keys]

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 
-from models import ModelSettings, check_specs, encode_for_training, load_local, template_accepts_system, want_4bit
+from models import (ModelSettings, check_specs, encode_for_training, load_local, mixed_precision, resolve_dtype,
+                    template_accepts_system)
 from utils import (StepError, check_rerun, parse_args, read_jsonl, record_args, run_main, seed_everything,
                    write_json_atomic)
 
@@ -80,10 +81,12 @@ def labelled_loss(model, inputs):
 
     The default causal-LM loss makes fp32 logits (batch x length x vocabulary) at every position, though
     most positions are system prompt and Roleplayer replies, which carry no loss. Same loss, less memory.
+    No KV cache: the model config's use_cache would build one at every step when gradient checkpointing is off.
     """
     targets = inputs["labels"][:, 1:]  # position p predicts token p + 1
     keep = (targets != -100).any(0).nonzero()[:, 0]  # positions labelled in at least one row
-    outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=keep)
+    outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=keep,
+                    use_cache=False)
     loss = F.cross_entropy(outputs.logits.float().flatten(0, 1), targets[:, keep].flatten(),
                            ignore_index=-100, reduction="sum")
     return loss, outputs
@@ -137,13 +140,14 @@ def main():
         print(f"04_train: {adapter_dir} exists; nothing to do")
         return
     records = read_jsonl(out / "sft.jsonl", "sft")
-    quantized = want_4bit(model_args.load_in_4bit)
 
-    # Q_BASE, in 4-bit NF4 for QLoRA when asked (or on a GPU), with fresh LoRA adapters on all linear layers.
+    # Q_BASE, in 4-bit NF4 for QLoRA when asked (auto: a big model on a GPU), with fresh LoRA adapters on all
+    # linear layers.
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    model, tokenizer = load_local(args.questioner, model_args.cache_dir, quantized, model_args.trust_remote_code,
-                                  model_args.dtype)
+    model, tokenizer = load_local(args.questioner, model_args.cache_dir, model_args.load_in_4bit,
+                                  model_args.trust_remote_code, model_args.dtype)
+    quantized = getattr(model, "is_loaded_in_4bit", False)
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
     model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
@@ -167,8 +171,12 @@ def main():
         activation_checkpointing=args.gradient_checkpointing, activation_checkpointing_kwargs={"use_reentrant": False},
         # On a machine without CUDA, use_cpu makes a multi-process launch (torchrun, accelerate launch --multi_gpu)
         # one data-parallel run over gloo; without it each process trained alone on all the data.
-        bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(), logging_steps=1, save_strategy="steps", save_steps=args.save_steps,
-        save_total_limit=1, report_to="none", seed=args.seed, remove_unused_columns=False)
+        use_cpu=not torch.cuda.is_available(), logging_steps=1, save_strategy="steps", save_steps=args.save_steps,
+        **mixed_precision(resolve_dtype(model_args.dtype, quantized)),  # bf16, or fp16 with loss scaling
+        save_total_limit=1, report_to="none", seed=args.seed, remove_unused_columns=False,
+        # Under DDP: every LoRA weight gets a gradient at every step (LoRA on all linear layers), so DDP need not
+        # search the graph for unused ones; Trainer's guess for a PeftModel would be to search.
+        ddp_find_unused_parameters=False)
     trainer = LabelledLossTrainer(model=model, args=training_args, train_dataset=dataset,
                                   data_collator=PadCollator(tokenizer.pad_token_id))
     # After a crash: continue from the last complete checkpoint. It holds the LoRA weights, AdamW's moments,

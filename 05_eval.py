@@ -309,14 +309,14 @@ def main():
     pool = model_args.pool()
     roleplayer = pool.chat(args.roleplayer)
     scorer = pool.scorer(args.questioner)
-    base = pool.chat(args.questioner)
+    base = pool.chat(args.questioner, questioner=True)
 
     # 1-3. Each model converses with the Roleplayer on every test pair, is scored, and answers after its first
     # conversation; from m1 on, m0 answers after it too ("m_t asks, m0 answers": in the questions or the answer?).
     results = {}
     for t in models:
         folder = out / f"m{t}"
-        questioner = pool.chat(args.questioner, adapter=questioner_adapter(args.run_dir, t))
+        questioner = pool.chat(args.questioner, adapter=questioner_adapter(args.run_dir, t), questioner=True)
         convs, scores = simulate_and_score(questioner, roleplayer, scorer, pairs, by_pair, args, sim_args, t, folder)
         first = [c for c in convs if c["conv_id"] == 0]
         results[t] = {"conversations": convs, "scores": scores,

@@ -264,6 +264,15 @@ def plan_prefill(prompt_ids: list[list[int]], min_shared: int = 8) -> PrefillPla
     return plan if plan.positions < plain.positions else plain
 
 
+def allocated_width(prompt_ids: list[list[int]], tails: list[int], min_shared: int = 8) -> int:
+    """Positions per row of the KV cache that generate_batch (tails: max_new_tokens each) or score_batch (tails:
+    each response's length) allocates for these prompts: the prefill plan's width, each row's tail after its
+    rest. Sharing prefixes can make it wider than the longest prompt plus tail (a long shared part in one group,
+    a long rest in another). For a model that shares no prefixes (_plan) it is an upper bound."""
+    plan = plan_prefill(prompt_ids, min_shared)
+    return len(plan.root) + max(map(len, plan.groups)) + max(len(r) + t for r, t in zip(plan.rests, tails))
+
+
 def _plan(base, prompt_ids, min_shared: int) -> PrefillPlan:
     """plan_prefill for this model: padding between segments would shift a sliding window, so models whose
     cache is not plain full attention prefill one plain batch."""

@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from decoding import generate_batch, plan_prefill, score_batch
+from decoding import allocated_width, generate_batch, plan_prefill, score_batch
 from human import HumanChat
 from scripted import ScriptedChat
-from server import prompt_tail, scoring_request, serve_adapter, takes_token_ids
+from server import prefix_caching_on, prompt_tail, scoring_request, serve_adapter, takes_token_ids
 from utils import StepError, append_jsonl, read_partial
 
 # bitsandbytes warns on import, on CPUs with AVX512-BF16, that it found no optional `kernels` package: harmless (it
@@ -59,11 +59,13 @@ class ModelSettings:
     cache_dir: str = dataclasses.field(default="cache", metadata={
         "help": "where the embedded model is cached, and the Oracle's (01) and the Judge's (05) call caches"})
     load_in_4bit: str = dataclasses.field(default="auto", metadata={
-        "help": "4-bit NF4 local models (04: the QLoRA base): auto (when CUDA is present), yes, no",
-        "choices": ["auto", "yes", "no"]})
+        "help": "4-bit NF4 local models (04: the QLoRA base): auto (on a CUDA GPU, for models of 3B parameters or "
+                "more), yes, no", "choices": ["auto", "yes", "no"]})
     dtype: str = dataclasses.field(default="auto", metadata={
-        "help": "weights of unquantized local models: auto (bfloat16 on a GPU or a CPU with native bf16 matmuls, "
-                "else float32), bfloat16, float32", "choices": ["auto", "bfloat16", "float32"]})
+        "help": "what local models compute in (unquantized weights, 4-bit weights' compute dtype, 04's mixed "
+                "precision): auto (on a GPU bfloat16 from compute capability 8.0, float16 below; on a CPU bfloat16 "
+                "with native bf16 matmuls or 4-bit weights, else float32), bfloat16, float16, float32",
+        "choices": ["auto", "bfloat16", "float16", "float32"]})
     trust_remote_code: bool = dataclasses.field(default=False, metadata={
         "help": "allow custom model code from the hub"})
     batch_tokens: int = dataclasses.field(default=BATCH_TOKENS, metadata={
@@ -139,28 +141,39 @@ def embedded_model_dir(cache_dir) -> Path:
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=EMBEDDED_FILE, dtype=torch.float32,
                                                  quantization_config=GgufConfig(dequantize=True))
     model.config.quantization_config = None
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        os.replace(tmp, folder)  # atomic: a crash never leaves a half-written cache that looks complete
-    except OSError:  # another process (a parallel test worker) cached it first
-        if not (folder / "model.safetensors").exists():
-            raise
-        shutil.rmtree(tmp)
+    save_atomically(model, tokenizer, folder)
     return folder
 
 
-def want_4bit(setting) -> bool:
-    """--load_in_4bit auto|yes|no: auto means 4-bit NF4 exactly when a CUDA GPU is present."""
+# --load_in_4bit auto quantizes a model this big or bigger on a GPU: a 7B model needs 4 bits to train beside its
+# roles on one GPU; the embedded 135M model and toy-base do not, and quantized they would compute another model on
+# a GPU than on a CPU (they are trained and evaluated unquantized).
+QUANTIZE_MIN_PARAMS = 3_000_000_000
+
+
+def want_4bit(setting, path=None, trust_remote_code=False) -> bool:
+    """--load_in_4bit auto|yes|no for the model at `path` (a folder or hub id): auto means 4-bit NF4 on a CUDA GPU
+    for a model of at least QUANTIZE_MIN_PARAMS parameters (counted from its config; no path: any model)."""
     if isinstance(setting, bool):
         return setting
     if setting not in ("auto", "yes", "no"):
         raise StepError(f"--load_in_4bit must be auto, yes or no (got {setting!r})")
-    return torch.cuda.is_available() if setting == "auto" else setting == "yes"
+    if setting != "auto" or not torch.cuda.is_available():
+        return setting == "yes"
+    return path is None or count_params(path, trust_remote_code) >= QUANTIZE_MIN_PARAMS
 
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+def count_params(path, trust_remote_code=False) -> int:
+    """Parameters of the model at `path`, built from its config on the meta device (no weights read)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code).num_parameters()
+
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def cpu_has_bf16() -> bool:
@@ -172,33 +185,80 @@ def cpu_has_bf16() -> bool:
         return False
 
 
-def resolve_dtype(setting) -> torch.dtype:
-    """--dtype auto|bfloat16|float32 of unquantized local weights: auto means bfloat16 on a CUDA GPU or on
-    a CPU with native bf16 matmuls, else float32."""
+def resolve_dtype(setting, quantized: bool = False) -> torch.dtype:
+    """--dtype auto|bfloat16|float16|float32: what local models compute in, decided here only (the weights of an
+    unquantized model, the compute dtype of a 4-bit one, 04's mixed precision: mixed_precision).
+
+    auto, on a CUDA GPU: bfloat16 from compute capability 8.0 (A100, H100, RTX 30xx on), float16 below it (T4,
+    V100, RTX 20xx emulate or refuse bf16, bitsandbytes' fused 4-bit kernel is fp16-only there, and attention
+    falls back to its slow kernel). On a CPU: bfloat16 where it multiplies bf16 natively, or for 4-bit weights
+    (bitsandbytes' CPU kernels compute in bf16), else float32."""
     if setting == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() or cpu_has_bf16() else torch.float32
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float16
+        return torch.bfloat16 if quantized or cpu_has_bf16() else torch.float32
     if setting not in DTYPES:
-        raise StepError(f"--dtype must be auto, bfloat16 or float32 (got {setting!r})")
+        raise StepError(f"--dtype must be auto, bfloat16, float16 or float32 (got {setting!r})")
     return DTYPES[setting]
 
 
+def mixed_precision(dtype: torch.dtype) -> dict:
+    """Trainer's flags for computing in `dtype` on a GPU: bf16, or fp16 with the loss scaling Trainer then does
+    (the LoRA weights stay float32: peft keeps them so). On a CPU, none: the model computes in its weights' dtype."""
+    cuda = torch.cuda.is_available()
+    return {"bf16": cuda and dtype == torch.bfloat16, "fp16": cuda and dtype == torch.float16}
+
+
+def nf4_dir(path, cache_dir, dtype) -> Path:
+    """Where the 4-bit NF4 copy of the model at `path` (a folder or hub id) computing in `dtype` is cached: loaded
+    from there, a 7B model is read as ~4 GB of NF4 weights instead of its 14.5 GB checkpoint being read and
+    quantized again by every step (the same weights: bitsandbytes quantizes deterministically). A local folder is
+    keyed by its files' sizes and times too, so a model rewritten in place is quantized anew."""
+    source = Path(path)
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in source.iterdir() if f.is_file()) \
+        if source.is_dir() else []
+    key = hashlib.sha256(json.dumps([str(source.resolve()) if source.is_dir() else path, files, str(dtype)]).encode())
+    return Path(cache_dir) / "nf4" / f"{source.name}-{key.hexdigest()[:12]}"
+
+
+def save_atomically(model, tokenizer, folder: Path):
+    """save_pretrained into `folder` all at once (beside, then renamed): a crash never leaves a half-written copy
+    that looks complete. Another process (a DDP rank) that saved it first wins."""
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, folder)
+    except OSError:
+        if not (folder / "config.json").exists():
+            raise
+        shutil.rmtree(tmp)
+
+
 def load_local(spec: str, cache_dir="cache", load_in_4bit="no", trust_remote_code=False, dtype="auto"):
-    """Load (model, tokenizer) for an 'embedded' or 'hf:' spec. 4-bit: bitsandbytes NF4, bf16 compute;
-    otherwise weights in `dtype` (resolve_dtype)."""
+    """Load (model, tokenizer) for an 'embedded' or 'hf:' spec: in 4-bit NF4 (bitsandbytes) as want_4bit decides,
+    computing in `dtype` (resolve_dtype)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    load_in_4bit = want_4bit(load_in_4bit)
-    dtype = resolve_dtype(dtype)
     kind, name, _ = parse_spec(spec)
     if kind in ("openai", "scripted", "human"):
         raise StepError(f"{spec!r} is not a local model; this role needs local weights ('embedded' or 'hf:...')")
     path = str(embedded_model_dir(cache_dir)) if kind == "embedded" else name
+    try:
+        load_in_4bit = want_4bit(load_in_4bit, path, trust_remote_code)
+    except OSError as error:
+        raise StepError(f"cannot load model {spec!r}: {str(error).splitlines()[0]}") from None
+    dtype = resolve_dtype(dtype, load_in_4bit)
     options = dict(trust_remote_code=trust_remote_code)
+    quantized = nf4_dir(path, cache_dir, dtype) if load_in_4bit else None
     if load_in_4bit:
-        options["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
         options["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else "cpu"
+        if (quantized / "config.json").exists():  # quantized before: its config says how
+            path = str(quantized)
+        else:
+            options["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype)
     else:
         options["dtype"] = dtype
     try:
@@ -206,6 +266,8 @@ def load_local(spec: str, cache_dir="cache", load_in_4bit="no", trust_remote_cod
         model = AutoModelForCausalLM.from_pretrained(path, **options)
     except OSError as error:
         raise StepError(f"cannot load model {spec!r}: {str(error).splitlines()[0]}") from None
+    if load_in_4bit and path != str(quantized):
+        save_atomically(model, tokenizer, quantized)
     if not load_in_4bit and torch.cuda.is_available():
         model.to("cuda")
     if tokenizer.pad_token is None:
@@ -458,9 +520,21 @@ class LocalLM:
             longest[g] = max(longest.get(g, 0), lengths[i])
         return sorted(range(len(prompt_ids)), key=lambda i: (-longest[group[i]], group[i], -lengths[i]))
 
-    def batches(self, prompt_ids, lengths, batch_size: int) -> list[list[int]]:
-        """The batches to run, in batch_order: each at most batch_size rows and batch_tokens tokens."""
-        return token_batches(self.batch_order(prompt_ids, lengths), lengths, batch_size, self.batch_tokens)
+    def batches(self, prompt_ids, tails, batch_size: int) -> list[list[int]]:
+        """The batches to run, in batch_order: each at most batch_size rows and batch_tokens tokens. tails: what
+        follows each prompt (new tokens, or the scored response). The tokens are counted as the decoder allocates
+        its KV cache, rows x the prefill plan's width (decoding.allocated_width), which can exceed the longest
+        row: a batch that does not fit so is cut in halves until each does (or runs alone)."""
+        lengths = [len(ids) + tail for ids, tail in zip(prompt_ids, tails)]
+        batches = token_batches(self.batch_order(prompt_ids, lengths), lengths, batch_size, self.batch_tokens)
+
+        def fitted(rows):
+            width = allocated_width([prompt_ids[i] for i in rows], [tails[i] for i in rows], self.min_shared)
+            if len(rows) == 1 or not self.batch_tokens or len(rows) * width <= self.batch_tokens:
+                return [rows]
+            return fitted(rows[:len(rows) // 2]) + fitted(rows[len(rows) // 2:])
+
+        return [part for rows in batches for part in fitted(rows)]
 
     @torch.inference_mode()
     def generate(self, prompts, adapter=None, max_new_tokens=128, temperature=0.0, top_p=1.0, seed=0,
@@ -469,7 +543,7 @@ class LocalLM:
         prefilled once, and rows that finish leave the batch at once (decoding.generate_batch), in the
         order of batch_order. With an adapter, a small model generates from a merged copy (merged_copy)."""
         encoded = [self.prompt_ids(p, max_new_tokens)[0] for p in prompts]  # cut to fit the context, if need be
-        batches = self.batches(encoded, [len(ids) + max_new_tokens for ids in encoded], batch_size)
+        batches = self.batches(encoded, [max_new_tokens] * len(encoded), batch_size)
         outputs = [None] * len(encoded)
         stop = {self.tokenizer.eos_token_id, *self.stop_ids}
         with self.using(adapter, merged=True) as model:
@@ -492,7 +566,7 @@ class LocalLM:
         """
         pairs = [fit_scored(*encode_chat(self.tokenizer, p, r, self.system_ok), self.context_length)
                  for p, r in zip(prompts, responses)]
-        batches = self.batches([p for p, _, _ in pairs], [len(p) + len(r) for p, r, _ in pairs], batch_size)
+        batches = self.batches([p for p, _, _ in pairs], [len(r) for _, r, _ in pairs], batch_size)
         results = [None] * len(pairs)
         with self.using(adapter) as model:
             for rows in tqdm(batches, desc=desc, leave=False, disable=desc is None):
@@ -510,13 +584,19 @@ class ModelPool:
                  batch_tokens=BATCH_TOKENS, tokenizer=""):
         self.cache_dir, self.load_in_4bit, self.trust_remote_code = cache_dir, load_in_4bit, trust_remote_code
         self.dtype, self.batch_tokens, self.tokenizer = dtype, batch_tokens, tokenizer
-        self.loaded = {}
+        self.loaded, self.tokenizer_loaded = {}, None
 
     def local(self, spec) -> LocalLM:
         if spec not in self.loaded:
             self.loaded[spec] = LocalLM(spec, self.cache_dir, self.load_in_4bit, self.trust_remote_code, self.dtype,
                                         batch_tokens=self.batch_tokens)
         return self.loaded[spec]
+
+    def served_tokenizer(self):
+        """The tokenizer of --tokenizer (the served Questioner's model), loaded once."""
+        if self.tokenizer_loaded is None:
+            self.tokenizer_loaded = load_tokenizer(self.tokenizer, self.cache_dir, self.trust_remote_code)[0]
+        return self.tokenizer_loaded
 
     def scorer(self, spec):
         """What scores with the model `spec` (no adapter): the local model, or for 'openai:' the ServerScorer,
@@ -530,15 +610,18 @@ class ModelPool:
             self.loaded[spec] = ServerScorer(spec, self.tokenizer, self.cache_dir, self.trust_remote_code)
         return self.loaded[spec]
 
-    def chat(self, spec, adapter=None, call_cache=None):
+    def chat(self, spec, adapter=None, call_cache=None, questioner=False):
         """A role's chat model. adapter: (name, path) to generate with a LoRA adapter attached; on a server,
-        the server answers as base + adapter under the adapter's served name (server.serve_adapter)."""
+        the server answers as base + adapter under the adapter's served name (server.serve_adapter).
+        questioner: the role is the Questioner, whose server serves the model --tokenizer names: its messages reach
+        the server shaped for that model's chat template as they would be locally (OpenAIChat)."""
         kind, name, base_url = parse_spec(spec)
         if kind == "openai":
-            model = OpenAIChat(name, base_url)
+            system_ok = template_accepts_system(self.served_tokenizer()) if questioner and self.tokenizer else True
+            model = OpenAIChat(name, base_url, system_ok=system_ok)
             if adapter is not None:
                 with model.errors():
-                    model = OpenAIChat(serve_adapter(model.client, *adapter), base_url)
+                    model = OpenAIChat(serve_adapter(model.client, *adapter), base_url, system_ok=system_ok)
         elif kind == "scripted":  # the toy preset's roles; the sentence encoder loads on first use
             if spec not in self.loaded:
                 self.loaded[spec] = ScriptedChat(name)
@@ -580,11 +663,14 @@ def truncated(chat, prompts, max_new_tokens: int) -> list[bool]:
 class OpenAIChat:
     """A role played by a model behind an OpenAI-compatible chat API.
 
+    The messages reach the server as they reach a local model's chat template (normalise_messages: turns of one
+    role in a row merged, and the system message folded into the first user turn when system_ok is False), so a
+    role played on a server sees exactly the turns it would see locally; the server applies its template to them.
     The openai client retries 429 (honouring Retry-After), 5xx, timeouts and dropped connections with
     exponential backoff; permanent errors (bad key, unknown model) fail at once with a clear message.
     """
 
-    def __init__(self, model, base_url=None, timeout=120.0, max_retries=None, concurrency=8):
+    def __init__(self, model, base_url=None, timeout=120.0, max_retries=None, concurrency=8, system_ok=True):
         import openai
 
         key = os.environ.get("OPENAI_API_KEY")
@@ -597,14 +683,14 @@ class OpenAIChat:
             raise StepError(f"STARGATE_MAX_RETRIES must be a whole number (got {retries!r})")
         retries = int(retries)
         self.client = openai.OpenAI(api_key=key, base_url=self.base_url, timeout=timeout, max_retries=retries)
-        self.model, self.concurrency, self.name = model, concurrency, f"openai:{model}"
+        self.model, self.concurrency, self.name, self.system_ok = model, concurrency, f"openai:{model}", system_ok
         self.cache_id = f"{self.name}@{self.base_url}"  # the same model name on two servers is two models
         self.openai = openai
 
     def one(self, messages, max_new_tokens, temperature, top_p, seed):
         with self.errors(max_new_tokens):
             reply = self.client.chat.completions.create(
-                model=self.model, messages=messages, max_tokens=max_new_tokens, temperature=temperature,
+                model=self.model, messages=normalise_messages(messages, self.system_ok), max_tokens=max_new_tokens, temperature=temperature,
                 top_p=top_p, seed=seed)
         return reply.choices[0].message.content or ""
 
@@ -713,11 +799,28 @@ class CachedChat:
             remember(list(enumerate(texts, start=start)))
 
 
+def load_tokenizer(tokenizer_spec, cache_dir="cache", trust_remote_code=False):
+    """(tokenizer, context length) of the local model that --tokenizer names: a served Questioner's model, whose
+    weights stay on the server."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    if parse_spec(tokenizer_spec)[0] not in ("embedded", "hf"):
+        raise StepError(f"--tokenizer must name a local model's tokenizer, 'embedded' or 'hf:<hub id or path>' "
+                        f"(got {tokenizer_spec!r})")
+    path = str(embedded_model_dir(cache_dir)) if tokenizer_spec == "embedded" else parse_spec(tokenizer_spec)[1]
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return tokenizer, model_context(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
+    except OSError as error:
+        raise StepError(f"--tokenizer {tokenizer_spec!r}: {str(error).splitlines()[0]}") from None
+
+
 class ServerScorer:
     """Q_BASE's score of a response (LocalLM.score) computed by an OpenAI-compatible server.
 
     The prompt and response are encoded by OUR tokenizer and chat template (encode_chat) and cut to fit as
-    LocalLM cuts them (fit_scored), so the server scores exactly the tokens local scoring would; the server
+    LocalLM cuts them (fit_scored; one token short of the context, for the one token the server generates), so the
+    server scores exactly the tokens local scoring would (at a context one token longer); the server
     returns each prompt token's log-prob (server.scoring_request) and the response's are summed. vLLM takes the
     token ids; llama.cpp's Python server takes text only (its prompt is a string), so it gets the text of our ids
     and the tokens it echoes are compared with ours. Every call is cached on disk, keyed by the server's model
@@ -725,18 +828,8 @@ class ServerScorer:
     """
 
     def __init__(self, spec, tokenizer_spec, cache_dir="cache", trust_remote_code=False, concurrency=8):
-        from transformers import AutoConfig, AutoTokenizer
-
         _, name, base_url = parse_spec(spec)
-        if parse_spec(tokenizer_spec)[0] not in ("embedded", "hf"):
-            raise StepError(f"--tokenizer must name a local model's tokenizer, 'embedded' or 'hf:<hub id or path>' "
-                            f"(got {tokenizer_spec!r})")
-        path = str(embedded_model_dir(cache_dir)) if tokenizer_spec == "embedded" else parse_spec(tokenizer_spec)[1]
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-            self.context_length = model_context(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
-        except OSError as error:
-            raise StepError(f"--tokenizer {tokenizer_spec!r}: {str(error).splitlines()[0]}") from None
+        self.tokenizer, self.context_length = load_tokenizer(tokenizer_spec, cache_dir, trust_remote_code)
         self.server = OpenAIChat(name, base_url)
         self.spec, self.system_ok, self.concurrency = spec, template_accepts_system(self.tokenizer), concurrency
         self.token_ids = None  # whether the server takes prompts as token ids (asked before the first request)
@@ -748,13 +841,18 @@ class ServerScorer:
         """(logprob, n_tokens, truncated) of each response after its prompt, as LocalLM.score returns them."""
         if adapter is not None:
             raise StepError("a server scores with the base model only (Q_BASE)")
-        pairs = [fit_scored(*encode_chat(self.tokenizer, p, r, self.system_ok), self.context_length)
-                 for p, r in zip(prompts, responses)]
+        # The server generates one token after the prompt (scoring_request), which must fit the context too.
+        room = self.context_length - 1 if self.context_length else None
+        pairs = [fit_scored(*encode_chat(self.tokenizer, p, r, self.system_ok), room) for p, r in zip(prompts, responses)]
         keys = [hashlib.sha256(json.dumps([self.server.cache_id, p, r]).encode()).hexdigest() for p, r, _ in pairs]
         todo = list({k: i for i, k in enumerate(keys) if k not in self.done}.values())  # each new call once
         if todo and self.token_ids is None:
             with self.server.errors():
                 self.token_ids = takes_token_ids(self.server.client)
+            if self.token_ids and prefix_caching_on(self.server.client):
+                raise StepError(f"{self.server.base_url} caches prompt prefixes, and then a prompt's log-probs can depend "
+                                "on the requests scored before it (vLLM issue 42019): restart vLLM with "
+                                "--no-enable-prefix-caching to score there (docs/CLUSTER.md)")
         call_concurrently(self.one, [pairs[i][:2] for i in todo], self.concurrency, desc,
                           on_result=lambda j, logprob: self.remember(keys[todo[j]], logprob))
         return [(self.done[k], len(r), cut) for k, (_, r, cut) in zip(keys, pairs)]

@@ -9,6 +9,8 @@ Plumbing only: the caller (models.ServerScorer, ModelPool.chat) owns the tokeniz
 
 import hashlib
 import json
+import re
+import urllib.request
 from pathlib import Path
 
 from utils import StepError
@@ -44,7 +46,8 @@ def serve_adapter(client, name: str, path) -> str:
         POST /v1/load_lora_adapter  {"lora_name": name, "lora_path": folder}  -> 200 "Success: LoRA adapter ..."
     which vLLM offers only when started with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (else 404
     "Not Found"); it answers 404 "No adapter found ..." when it cannot read the folder (a path on the server's
-    machine) and 400 for the rest (LoRA off, a rank above --max-lora-rank, ...).
+    machine) and 400 or, in newer versions, 500 for the rest (LoRA off, a rank above --max-lora-rank, ...). The
+    request is sent once: a failed load fails again, and the client's retries of a 5xx would only add a minute.
     """
     import openai
 
@@ -54,7 +57,8 @@ def serve_adapter(client, name: str, path) -> str:
         return served
     folder = str(Path(path).resolve())
     try:
-        client.post("/load_lora_adapter", body={"lora_name": served, "lora_path": folder}, cast_to=str)
+        client.with_options(max_retries=0).post("/load_lora_adapter", body={"lora_name": served, "lora_path": folder},
+                                                cast_to=str)
     except openai.NotFoundError as error:
         if "no adapter found" in str(error).lower():
             raise StepError(f"{client.base_url} cannot read the adapter folder {folder} (404: {str(error)[:200]}); "
@@ -62,11 +66,17 @@ def serve_adapter(client, name: str, path) -> str:
         raise StepError(f"{client.base_url} cannot load LoRA adapters at run time (POST /v1/load_lora_adapter: 404) "
                         f"and does not list {served!r} in /v1/models: start vLLM with --enable-lora and "
                         "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, or serve the adapter under that name") from None
-    except openai.BadRequestError as error:
-        raise StepError(f"{client.base_url} refused to load the adapter {folder} as {served!r} (400: "
-                        f"{str(error)[:300]}); the server must run with --enable-lora and --max-lora-rank at least "
-                        "the adapter's rank, and read the folder at that same path") from None
+    except openai.APIStatusError as error:  # 400, or 500 from newer vLLM versions
+        raise StepError(f"{client.base_url} refused to load the adapter {folder} as {served!r} ({error.status_code}: "
+                        f"{error_message(error)[:300]}); the server must run with --enable-lora and --max-lora-rank at "
+                        "least the adapter's rank, and read the folder at that same path") from None
     return served
+
+
+def error_message(error) -> str:
+    """The server's own message in an openai.APIStatusError (vLLM: {"error": {"message": ...}}), else its text."""
+    body = error.body.get("error", error.body) if isinstance(error.body, dict) else None
+    return str(body.get("message", body)) if isinstance(body, dict) else str(error)
 
 
 # Servers known to take a prompt as token ids, by the "owned_by" of the models GET /v1/models lists (vLLM's
@@ -82,18 +92,20 @@ def takes_token_ids(client) -> bool:
 
 def scoring_request(prompt) -> dict:
     """The body of POST /v1/completions that returns the log-prob of every prompt token; one token is generated
-    (max_tokens 0 would mean "up to the context" on llama.cpp).
+    (max_tokens 0 would mean "up to the context" on llama.cpp), so prompt and that token must fit the context.
 
     prompt: our token ids, for a server that takes them (vLLM), or their text (llama.cpp's Python server):
-        vLLM       {"prompt": [ids], "prompt_logprobs": 0}
+        vLLM       {"prompt": [ids], "prompt_logprobs": 1}
                    -> choices[0].prompt_logprobs: one entry per prompt token, None for the first, else
-                      {"<token id>": {"logprob", "rank", "decoded_token"}} (0: only the prompt's own token)
+                      {"<token id>": {"logprob", "rank", "decoded_token"}}: the prompt's own token and the
+                      likeliest one (0 would ask for the prompt's token only, but early V1 versions then returned
+                      no prompt log-probs at all: `[] if num_prompt_logprobs else None`)
         llama.cpp  {"prompt": "text", "echo": true, "logprobs": 0}  (the server needs logits_all, its default)
                    -> choices[0].logprobs: {"tokens": [text of each token], "token_logprobs": [None, ...]}:
                       the prompt's tokens then the generated one, leaving out every token whose id is BOS
     """
     body = {"prompt": prompt, "max_tokens": 1, "temperature": 0.0}
-    return body | ({"prompt_logprobs": 0} if isinstance(prompt, list) else {"echo": True, "logprobs": 0})
+    return body | ({"prompt_logprobs": 1} if isinstance(prompt, list) else {"echo": True, "logprobs": 0})
 
 
 def prompt_tail(reply: dict, prompt_ids: list[int], n_tail: int) -> tuple[list[float], list[str] | None]:
@@ -124,3 +136,20 @@ def prompt_tail(reply: dict, prompt_ids: list[int], n_tail: int) -> tuple[list[f
     if end - n_tail < 1:
         raise StepError(f"the server echoed {end} prompt tokens, fewer than the {n_tail} to score")
     return values[end - n_tail:end], texts[end - n_tail:end]
+
+
+def prefix_caching_on(client) -> bool | None:
+    """Whether a vLLM server caches prompt prefixes (V1's default), read from its Prometheus metrics: GET /metrics
+    has a line `vllm:cache_config_info{...,enable_prefix_caching="True",...} 1.0` (the labels are its CacheConfig).
+    None when the server does not say (no /metrics, as llama.cpp's Python server; metrics off; another format).
+
+    With prefix caching on, a prompt's log-probs can depend on the requests scored before it (vLLM issue 42019,
+    open), and the scorer sends overlapping prompts concurrently: its sums would not be a function of the prompt."""
+    url = re.sub(r"/v1/?$", "", str(client.base_url).rstrip("/")) + "/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            text = reply.read().decode(errors="replace")
+    except OSError:  # urllib's HTTPError and URLError too: no /metrics here
+        return None
+    found = re.search(r'^vllm:cache_config_info\{[^}]*enable_prefix_caching="(\w+)"', text, re.MULTILINE)
+    return None if found is None else found[1] == "True"

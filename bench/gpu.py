@@ -167,14 +167,15 @@ def run_training(lm: LocalLM, call: dict, p, quantized: bool, device):
     return batch["input_ids"].numel(), seconds, loss.item()
 
 
-def bench_model(label, lm: LocalLM, p, quantized: bool, config, device) -> list[dict]:
-    """Every measured call of the preset on one model: sizes, planned peak, measured peak, rate."""
+def bench_model(label, lm: LocalLM, p, quantized: bool, config, device, measured=MEASURED) -> list[dict]:
+    """The measured calls of the preset on one model (all, or those named): sizes, planned peak, measured peak,
+    rate."""
     shape = Shape.of(config, quantized)
     plan_preset = dataclasses.replace(p, quantized=quantized)
     calls = {c["step"]: c for c in heavy_calls(p, lm.tokenizer)}
     lm.generate(calls[MEASURED[0]]["prompts"][:1], max_new_tokens=2)  # warm-up: kernels load, caches fill
     results = []
-    for name in MEASURED:
+    for name in measured:
         call = calls[name]
         sizes = call_size(call, lm.tokenizer, p.max_length)
         planned = sum(call_terms(call, sizes, plan_preset, shape, shape.weights()).values()) / GIB
@@ -260,10 +261,11 @@ def main():
         del lm, model
         reset(device)
     if "embedded" in args.models:
-        # As the steps load it (--load_in_4bit auto): 4-bit NF4 on a GPU, unquantized on a CPU.
+        # As the steps load it (--load_in_4bit auto): unquantized, on a GPU too (models.want_4bit).
         lm = LocalLM("embedded", args.cache_dir, load_in_4bit="auto")
-        rows += bench_model(SMOL + (", NF4" if cuda else f", {lm.model.dtype}, CPU"), lm, preset, cuda,
-                            model_config(SMOL), device)
+        quantized = bool(getattr(lm.model, "is_loaded_in_4bit", False))
+        rows += bench_model(SMOL + (", NF4" if quantized else f", {lm.model.dtype}") + ("" if cuda else ", CPU"), lm,
+                            preset, quantized, model_config(SMOL), device)
     print(table(rows))
     result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
               "shape": args.shape, "preset": dataclasses.asdict(preset), "rows": rows}

@@ -19,7 +19,9 @@ with rows x tokens the call's batch and its longest sequence:
                All models a step holds at once: the Questioner and a different Roleplayer (02, 05), and a
                small unquantized model's merged adapter copy (models.LocalLM.merged_copy: 02 from t = 1, 05).
   KV cache     rows x (prompt + new tokens) x layers x 2 x kv_heads x head_dim x 2: decoding.py preallocates
-               it for the longest prompt plus the cap; scoring caches prompt + response.
+               it for the prefill plan's width plus the cap; scoring caches prompt + response. The plan's width
+               (decoding.allocated_width) is the longest prompt for the identical-length prompts planned here,
+               and --batch_tokens bounds rows x that width in the steps (models.LocalLM.batches).
   activations  inference: one layer's forward over every row's whole prompt at once (prefill; shared prefixes
                are prefilled once, which this ignores: an upper bound): rows x tokens x (3 x intermediate +
                6 x hidden) x 2 (the MLP's gate, up and product; residual, norm, attention in and out), the

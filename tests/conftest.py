@@ -68,6 +68,13 @@ def train_records() -> list[dict]:
             for i, name in enumerate(TRAIN_NAMES)]
 
 
+def cpu_env() -> dict:
+    """The environment for a subprocess whose outputs a test compares bitwise with another run's: the GPU hidden,
+    so it computes on the CPU also on a machine with one. On CUDA, scoring's index_add_ uses atomics and SDPA's
+    backward is nondeterministic, so two runs of the same step need not agree to the last bit there."""
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+
+
 def train_command(run, cache) -> list[str]:
     return [sys.executable, "04_train.py", "--run_dir", str(run), "--cache_dir", str(cache), *TRAIN_ARGS]
 
@@ -79,6 +86,7 @@ def trained(tmp_path_factory, model_cache):
 
     run = tmp_path_factory.mktemp("train")
     write_jsonl_atomic(run / "iter0" / "sft.jsonl", train_records())
-    done = subprocess.run(train_command(run, model_cache), cwd=REPO, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(train_command(run, model_cache), cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env=cpu_env())  # test_resume.py compares a resumed run with this one bitwise
     assert done.returncode == 0, done.stderr[-3000:]
     return run / "iter0", done.stdout

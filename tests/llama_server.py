@@ -22,6 +22,7 @@ from pathlib import Path
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 NO_PREFIX_REUSE = "--no_prefix_reuse"  # an extra argument of this script, not of llama_cpp.server
+CHAT_TEMPLATE = "--chat_template_file"  # this script's too: a Jinja chat template in place of the GGUF's
 
 
 def gguf_path() -> Path | None:
@@ -85,7 +86,8 @@ def llama_server(model: Path, log: Path, n_ctx: int = 2048, n_threads: int = 1, 
     """Yield the base URL (http://127.0.0.1:PORT/v1) of a running server; stop it at the end.
 
     extra_args: more `llama_cpp.server` arguments, e.g. ("--api_key", "secret"), and this script's own
-    "--no_prefix_reuse" (every prompt evaluated from scratch: answers independent of earlier requests).
+    "--no_prefix_reuse" (every prompt evaluated from scratch: answers independent of earlier requests) and
+    "--chat_template_file", FILE (that Jinja template in place of the GGUF's).
     models: several models to serve, each a dict of llama_cpp.server's model settings (model, model_alias,
     lora_path, ...): they go into a --config_file beside the log (n_ctx and the threads as for one model),
     and the server loads the one a request names.
@@ -142,6 +144,24 @@ def evaluate_every_prompt_in_full():
     llama_cpp.Llama.generate = generate_from_scratch
 
 
+def use_chat_template(path: str):
+    """Serve every model with the Jinja chat template in `path` (e.g. Mistral-Instruct-v0.2's, which raises on a
+    system message or two turns of one role in a row) instead of the one in its GGUF, rendered by llama-cpp-python's
+    own Jinja2ChatFormatter with the model's BOS and EOS tokens. A template that raises is a 500 on this server."""
+    import llama_cpp
+    from llama_cpp import llama_chat_format
+
+    template, init = Path(path).read_text(), llama_cpp.Llama.__init__
+
+    def init_with_template(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.chat_handler = llama_chat_format.Jinja2ChatFormatter(
+            template=template, eos_token=self._model.token_get_text(self.token_eos()),
+            bos_token=self._model.token_get_text(self.token_bos()), stop_token_ids=[self.token_eos()]).to_chat_handler()
+
+    llama_cpp.Llama.__init__ = init_with_template
+
+
 def main():
     import llama_cpp.llama_cpp as bindings
 
@@ -157,6 +177,10 @@ def main():
     if NO_PREFIX_REUSE in sys.argv:
         sys.argv.remove(NO_PREFIX_REUSE)
         evaluate_every_prompt_in_full()
+    if CHAT_TEMPLATE in sys.argv:
+        at = sys.argv.index(CHAT_TEMPLATE)
+        use_chat_template(sys.argv[at + 1])
+        del sys.argv[at:at + 2]
     from llama_cpp.server.__main__ import main as server_main
 
     sys.argv[0] = "llama_cpp.server"

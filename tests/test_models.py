@@ -4,6 +4,7 @@ Everything runs on the embedded SmolLM2-135M-Instruct (loaded once, see conftest
 """
 
 import json
+import random
 
 import pytest
 import torch
@@ -223,10 +224,29 @@ def test_a_better_fitting_response_scores_higher(lm):
 
 def test_auto_dtype_is_bf16_exactly_where_it_is_fast(model_cache):
     assert models.resolve_dtype("float32") == torch.float32 and models.resolve_dtype("bfloat16") == torch.bfloat16
-    fast = torch.cuda.is_available() or models.cpu_has_bf16()
-    assert models.resolve_dtype("auto") == (torch.bfloat16 if fast else torch.float32)
-    with pytest.raises(StepError, match="--dtype must be auto, bfloat16 or float32"):
+    if not torch.cuda.is_available():
+        assert models.resolve_dtype("auto") == (torch.bfloat16 if models.cpu_has_bf16() else torch.float32)
+        assert models.resolve_dtype("auto", quantized=True) == torch.bfloat16  # bitsandbytes' CPU kernels
+    with pytest.raises(StepError, match="--dtype must be auto, bfloat16, float16 or float32"):
         models.resolve_dtype("fp8")
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 5), torch.float16), ((7, 0), torch.float16),
+                                                  ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_on_a_gpu_auto_dtype_is_fp16_below_compute_capability_8_and_training_follows(monkeypatch, capability,
+                                                                                      expected):
+    """A T4 (7.5, Colab's free GPU) or V100 (7.0) emulates or refuses bf16: fp16 there, with Trainer's loss
+    scaling in 04; bf16 from the A100 (8.0) on. An explicit --dtype is obeyed, by 04's mixed precision too."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    for quantized in (False, True):  # the weights of a model, and the compute dtype of 4-bit ones
+        assert models.resolve_dtype("auto", quantized) == expected
+    half = expected == torch.float16
+    assert models.mixed_precision(models.resolve_dtype("auto")) == {"bf16": not half, "fp16": half}
+    assert models.mixed_precision(models.resolve_dtype("float16")) == {"bf16": False, "fp16": True}
+    assert models.mixed_precision(models.resolve_dtype("float32")) == {"bf16": False, "fp16": False}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert models.mixed_precision(torch.bfloat16) == {"bf16": False, "fp16": False}  # a CPU: the weights' dtype
 
 
 def test_bf16_scores_and_answers_like_float32(lm, model_cache):
@@ -451,12 +471,50 @@ def test_generation_with_an_adapter_runs_a_merged_copy_that_writes_what_the_adap
 
 # --- 4-bit ------------------------------------------------------------------------------------------------
 
-def test_want_4bit():
+def test_want_4bit(model_cache, tmp_path, monkeypatch):
     assert models.want_4bit("yes") is True and models.want_4bit(True) is True
     assert models.want_4bit("no") is False and models.want_4bit(False) is False
-    assert models.want_4bit("auto") is torch.cuda.is_available()
     with pytest.raises(StepError, match="--load_in_4bit must be auto, yes or no"):
         models.want_4bit("true")
+    # auto on a GPU quantizes a 7B model (Mistral-7B's config, no weights) but not the embedded 135M model, which
+    # the tiny, smoke and toy presets train and evaluate unquantized, as on a CPU; on a CPU it quantizes nothing.
+    from transformers import MistralConfig
+
+    from mistral_standin import MISTRAL_7B_INSTRUCT_V02
+
+    MistralConfig(**MISTRAL_7B_INSTRUCT_V02).save_pretrained(tmp_path)
+    embedded = models.embedded_model_dir(model_cache)
+    assert models.count_params(tmp_path) == 7_241_732_096  # Mistral-7B-v0.2's count
+    for cuda in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        assert models.want_4bit("auto", tmp_path) is cuda
+        assert models.want_4bit("auto", embedded) is False
+        assert models.want_4bit("yes", embedded) is True
+
+
+def test_a_4bit_model_is_quantized_once_then_loaded_as_saved(model_cache, tmp_path, monkeypatch):
+    """The NF4 weights are saved in the cache at the first 4-bit load and read from there by later ones (a step
+    no longer reads and quantizes a 14.5 GB checkpoint each time): the same model, to the bit."""
+    pytest.importorskip("bitsandbytes")
+    from mistral_standin import build_standin
+    from transformers import AutoModelForCausalLM
+
+    standin = build_standin(tmp_path / "standin", models.embedded_model_dir(model_cache))
+    first, tokenizer = models.load_local(f"hf:{standin}", tmp_path / "cache", load_in_4bit="yes")
+    [saved] = (tmp_path / "cache" / "nf4").iterdir()
+    read, from_pretrained = [], AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        lambda path, **options: read.append((path, options)) or from_pretrained(path, **options))
+    second, _ = models.load_local(f"hf:{standin}", tmp_path / "cache", load_in_4bit="yes")
+    assert read[0][0] == str(saved) and "quantization_config" not in read[0][1]
+    assert getattr(second, "is_loaded_in_4bit", False)
+    ids = torch.tensor([tokenizer("Hello there, how are you?")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(first(ids).logits, second(ids).logits)
+    # A model rewritten in place (toy_base.py rebuilds its folder) is quantized anew, not read from the old copy.
+    (standin / "config.json").write_text((standin / "config.json").read_text() + "\n")
+    models.load_local(f"hf:{standin}", tmp_path / "cache", load_in_4bit="yes")
+    assert read[-1][0] == str(standin) and len(list((tmp_path / "cache" / "nf4").iterdir())) == 2
 
 
 def test_4bit_loading_on_cpu(model_cache):
@@ -541,6 +599,28 @@ def test_token_batches_bound_rows_times_the_longest_row():
         batches = models.token_batches(order, lengths, 4, 500)
         assert sorted(sum(batches, [])) == list(range(8)) and sum(batches, []) == order
         assert all(len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 500 for b in batches)
+
+
+def test_the_token_budget_counts_the_kv_cache_the_decoder_allocates(lm, monkeypatch):
+    """Shared prefixes can make the prefilled cache wider than the longest prompt (one group's long shared part
+    beside another group's long rests): the budget counts the width generate_batch allocates, not the prompt."""
+    rng = random.Random(0)
+    draw = lambda n: [rng.randrange(100, 20000) for _ in range(n)]  # noqa: E731
+    long_shared, short_shared, new = draw(99), draw(75), 4
+    prompts = [long_shared + draw(1) for _ in range(6)] + [short_shared + draw(25) for _ in range(2)]  # 100 each
+    width = decoding.allocated_width(prompts, [new] * len(prompts))
+    assert width == 99 + 25 + new > 100 + new
+    capacities, new_cache = [], decoding._new_cache
+    monkeypatch.setattr(decoding, "_new_cache", lambda config, capacity: capacities.append(capacity)
+                        or new_cache(config, capacity))
+    decoding.generate_batch(lm.model, prompts, new, lm.tokenizer.eos_token_id, lm.tokenizer.pad_token_id)
+    assert capacities == [width]  # what generate_batch allocates per row
+    budget = len(prompts) * (100 + new)  # rows x the longest row: a budget these rows seemed to fit
+    monkeypatch.setattr(lm, "batch_tokens", budget)
+    batches = lm.batches(prompts, [new] * len(prompts), batch_size=8)
+    assert sorted(sum(batches, [])) == list(range(len(prompts))) and len(batches) > 1
+    for rows in batches:
+        assert len(rows) * decoding.allocated_width([prompts[i] for i in rows], [new] * len(rows)) <= budget
 
 
 def test_a_long_prompt_runs_in_a_batch_within_the_token_budget(lm, monkeypatch):

@@ -1,5 +1,6 @@
 """Crash and resume: each step is SIGKILLed while it works, then run again. The final outputs equal those
 of an uninterrupted run with the same seed, no id is missing or doubled, and no final file is half-written.
+Every step runs on the CPU, also where a GPU is present (conftest.cpu_env): the comparisons are bitwise.
 
 01-03 run on the same small data twice (straight, killed); 04 is conftest's training run, killed after a
 checkpoint; 05 evaluates the straight run's test pair with that adapter as m1. Steps 01-03 and 05 compute in
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import train_command, train_records
+from conftest import cpu_env, train_command, train_records
 from safetensors.torch import load_file
 
 from utils import read_jsonl, write_jsonl_atomic
@@ -36,13 +37,13 @@ def step(script, run, cache, *args):
 
 
 def finish(command):
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, env=cpu_env())
     assert done.returncode == 0, done.stderr[-3000:]
 
 
 def kill_when(command, ready) -> bool:
     """Start the command and SIGKILL it as soon as ready() is true (or it ends). True if it was killed."""
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cpu_env())
     deadline = time.monotonic() + 600
     while process.poll() is None and time.monotonic() < deadline:
         if ready():
@@ -146,7 +147,8 @@ def resumed_training(tmp_path_factory, model_cache):
     shutil.copytree(checkpoints / "checkpoint-3", torn)
     state = (torn / "trainer_state.json").read_bytes()
     (torn / "trainer_state.json").write_bytes(state[:len(state) // 2])
-    done = subprocess.run(train_command(run, model_cache), cwd=REPO, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(train_command(run, model_cache), cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env=cpu_env())
     assert done.returncode == 0, done.stderr[-3000:]
     return run / "iter0", done.stdout
 

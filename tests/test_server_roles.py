@@ -20,7 +20,7 @@ from llama_server import llama_server, require_llama_server
 from mistral_standin import MISTRAL_V02_TEMPLATE
 
 from models import LocalLM, ModelPool, OpenAIChat, ServerScorer, embedded_model_dir
-from roles import answer_view
+from roles import answer_view, questioner_view
 from scripted import World
 from server import adapter_served_name, check_adapter_servable
 from utils import StepError, read_jsonl, write_jsonl_atomic
@@ -183,11 +183,11 @@ def test_simulate_select_evaluate_with_every_role_on_the_server(server, lm, cach
     scores = read_jsonl(run / "iter0" / "scores.jsonl", "score")
     assert {s["scorer"] for s in scores} == {spec} and all(s["n_tokens"] > 0 and s["truncated"] for s in scores)
     # The server's scores are Q_BASE's: local scoring of the same conversations, cut to the same context, agrees
-    # within the tolerance.
+    # within the tolerance. The server path leaves room for the one token the server generates: 159 tokens.
     persona = read_jsonl(run / "data" / "personas.jsonl", "persona")[0]
     task = read_jsonl(run / "data" / "tasks.jsonl", "task")[0]["text"]
     gold = read_jsonl(run / "data" / "gold.jsonl", "gold")[0]["gold"]
-    monkeypatch.setattr(lm, "context_length", 160)
+    monkeypatch.setattr(lm, "context_length", 159)
     local = lm.score([answer_view(persona["name"], task, c["messages"]) for c in convs], [gold] * len(convs))
     for s, (logprob, n, _) in zip(scores, local):
         assert s["n_tokens"] == n and abs(s["logprob"] - logprob) <= TOLERANCE_PER_TOKEN * n
@@ -243,3 +243,27 @@ def test_q1_on_a_server_writes_what_the_local_q1_writes(trained, model_cache, tm
     # server and the float32 local model break differently (measured); it only shows the adapter was applied.
     assert asked == expected and all(TRAIN_QUESTION in text for text in asked), (asked, expected)
     assert not any(TRAIN_QUESTION in text for text in base), base
+
+
+def test_the_questioner_on_a_server_with_mistrals_strict_template(tmp_path, cache):
+    """llama.cpp given Mistral-Instruct-v0.2's released template, which raises on a system message and on two user
+    turns in a row (a 500 on this server, a 400 on vLLM): the served Questioner's turns reach it shaped as its local
+    model's template has them (--tokenizer: the embedded tokenizer with that template), so it asks and answers;
+    the views as they are fail."""
+    from transformers import AutoTokenizer
+
+    template, folder = tmp_path / "mistral.jinja", tmp_path / "tokenizer"
+    template.write_text(MISTRAL_V02_TEMPLATE)
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir(cache))
+    tokenizer.chat_template = MISTRAL_V02_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    shutil.copy(embedded_model_dir(cache) / "config.json", folder)
+    dialogue = [{"role": "assistant", "content": "What food do you like?"}, {"role": "user", "content": "Noodles."}]
+    views = [questioner_view("Ada", "Plan a dinner.", dialogue), answer_view("Ada", "Plan a dinner.", dialogue)]
+    with llama_server(GGUF, tmp_path / "server.log", extra_args=["--chat_template_file", template]) as url:
+        served = ModelPool(cache, tokenizer=f"hf:{folder}").chat("openai:smollm@" + url, questioner=True)
+        assert all(text.strip() for text in served.generate(views, max_new_tokens=8))
+        with pytest.raises(StepError, match="answered 500"):
+            OpenAIChat("smollm", url, max_retries=0).generate(views[:1], max_new_tokens=8)
+    assert "Conversation roles must alternate" in (tmp_path / "server.log").read_text()
+

@@ -73,3 +73,18 @@ def test_the_loss_at_labelled_positions_only_equals_the_default_loss(tmp_path, m
         summed = trainer.compute_loss(model, batch, num_items_in_batch=2 * labelled)
     torch.testing.assert_close(ours, expected)
     torch.testing.assert_close(summed, expected / 2)  # a sum over the accumulated batch's labelled tokens
+
+
+def test_the_training_forward_builds_no_kv_cache(model_cache):
+    """Without gradient checkpointing the model's config (use_cache) would build a KV cache at every training step."""
+    import importlib
+
+    train = importlib.import_module("04_train")
+    model, tokenizer = load_local("embedded", model_cache, dtype="float32")
+    model.train()
+    ids, labels = train.encode_for_training(tokenizer, [{"role": "user", "content": "Plan my trip."},
+                                                       {"role": "assistant", "content": "Where to?", "train": True}])
+    batch = train.PadCollator(tokenizer.pad_token_id)([{"input_ids": ids, "labels": labels}])
+    assert model.config.use_cache and not model.is_gradient_checkpointing
+    loss, outputs = train.labelled_loss(model, batch)
+    assert loss > 0 and outputs.cache is None
