@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, TRAIN_QUESTION
 from models import embedded_model_dir, load_local
 from test_settings import dry_run, flag, parser
 from utils import read_jsonl
@@ -77,9 +77,9 @@ def test_the_released_path_runs_end_to_end_on_the_fixture(tmp_path, model_cache,
     models = {"m0": "embedded", "m1": f"hf:{full_weights_m1}"}
     env = dict(os.environ, ORIGINAL=str(FIXTURE), RUN_DIR=str(run), CACHE_DIR=str(cache), DTYPE="float32",
                MODELS=" ".join(f"{n}={s}" for n, s in models.items()), ROLEPLAYER="embedded", JUDGE="embedded",
-               N="2", TEST_PAIRS="4", MODEL_FLAGS="--batch_tokens 32768",
-               SIM_FLAGS="--question_max_tokens 12 --answer_max_tokens 12 --max_turns 2",
-               EVAL_FLAGS="--final_max_tokens 16 --judge_max_tokens 8")
+               N="1", TEST_PAIRS="2", MODEL_FLAGS="--batch_tokens 32768",
+               SIM_FLAGS="--question_max_tokens 10 --answer_max_tokens 10 --max_turns 1",
+               EVAL_FLAGS="--final_max_tokens 10 --judge_max_tokens 4")
     done = subprocess.run(["bash", "run_all.sh", "released"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
@@ -87,19 +87,20 @@ def test_the_released_path_runs_end_to_end_on_the_fixture(tmp_path, model_cache,
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert list(metrics["models"]) == ["m0", "m1"] and metrics["questioner"] == "embedded"  # m0 is Q_BASE
     assert {name: m["spec"] for name, m in metrics["models"].items()} == models
-    assert metrics["test_pairs"] == 4 and metrics["n_conversations"] == 2
+    assert metrics["test_pairs"] == 2 and metrics["n_conversations"] == 1
     # Each model asked its own questions on the same pairs; m1 was judged against m0 in both orders, its answers
     # and m0's answers after m1's conversations ("m_t asks, m0 answers"), with intervals; the controls are there.
     convs = {name: read_jsonl(run / "eval" / name / "conversations.jsonl", "conversation") for name in models}
     assert {c["questioner"] for c in convs["m1"]} == {models["m1"]}
-    assert [c["n_turns"] for c in convs["m0"]] == [c["n_turns"] for c in convs["m1"]]
-    assert [c["messages"][0] for c in convs["m0"]] != [c["messages"][0] for c in convs["m1"]]
+    assert [c["task_id"] + c["persona_id"] for c in convs["m0"]] == [c["task_id"] + c["persona_id"] for c in convs["m1"]]
+    first = {name: [c["messages"][0]["content"] for c in convs[name]] for name in models}
+    assert TRAIN_QUESTION in first["m1"] and TRAIN_QUESTION not in first["m0"]  # m1 asked as it was trained to
     for name in ("judgments", "judgments_asks_only"):
         orders = [(j["task_id"], j["persona_id"], j["order"]) for j in read_jsonl(run / "eval" / "m1" / f"{name}.jsonl",
                                                                                    "judgment")]
-        assert len(orders) == 2 * 4 and {o[2] for o in orders} == {"new_first", "new_second"}
+        assert len(orders) == 2 * 2 and {o[2] for o in orders} == {"new_first", "new_second"}
     m1 = metrics["models"]["m1"]
-    assert m1["win_rate"]["n"] + m1["win_rate"]["unparseable"] == 4 and len(m1["gain_over_m0"]["ci95"]) == 2
+    assert m1["win_rate"]["n"] + m1["win_rate"]["unparseable"] == 2 and len(m1["gain_over_m0"]["ci95"]) == 2
     assert set(metrics["controls"]) == {"no_conversation", "persona_in_context", "other_persona"}
     report = (run / "eval" / "report.md").read_text()
     assert f"models m0 = embedded, m1 = hf:{full_weights_m1} (the first is the baseline" in report
