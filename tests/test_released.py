@@ -105,3 +105,32 @@ def test_the_released_path_runs_end_to_end_on_the_fixture(tmp_path, model_cache,
     report = (run / "eval" / "report.md").read_text()
     assert f"models m0 = embedded, m1 = hf:{full_weights_m1} (the first is the baseline" in report
     assert "| m1 | " in report and "*69.9*" in report  # beside the paper's m1
+
+
+@pytest.mark.parametrize("models,expected", [
+    (["m0=embedded"], "--models needs at least two models: the baseline first"),
+    (["m0=embedded", "m1"], "--models 'm1': expected NAME=SPEC"),
+    (["m0=embedded", "m 1=embedded"], "--models 'm 1=embedded': expected NAME=SPEC"),
+    (["m0=embedded", "m0=hf:other"], "--models: the name 'm0' is given twice"),
+    (["m0=embedded", "m1=scripted:data/toy"], "'scripted:data/toy' is not a model"),
+    (["m0=embedded", "m1=gpt4"], "unknown model spec 'gpt4'"),
+])
+def test_bad_model_lists_are_refused_before_any_work(models, expected):
+    import importlib
+
+    from utils import StepError
+
+    evaluation = importlib.import_module("05_eval")
+    with pytest.raises(StepError, match=expected):
+        evaluation.models_to_evaluate(evaluation.Args(models=models))
+
+
+def test_named_models_are_evaluated_as_given_and_the_runs_own_as_before(tmp_path):
+    import importlib
+
+    evaluation = importlib.import_module("05_eval")
+    given = evaluation.Args(models=["base=hf:org/base", "mine=openai:mine@http://127.0.0.1:8000/v1"])
+    assert evaluation.models_to_evaluate(given) == [("base", "hf:org/base", None),
+                                                    ("mine", "openai:mine@http://127.0.0.1:8000/v1", None)]
+    own = evaluation.models_to_evaluate(evaluation.Args(run_dir=str(tmp_path), iterations=0, questioner="embedded"))
+    assert own == [("m0", "embedded", None)]
