@@ -108,6 +108,11 @@ def main():
     seed_everything(args.seed)
     out = Path(args.run_dir) / "data"
     if (out / "gold.jsonl").exists():
+        recorded = out / "args_01_generate.json"
+        source = json.loads(recorded.read_text()).get("from_original", "") if recorded.exists() else ""
+        if source != args.from_original:  # never evaluate on other data than the command names
+            raise StepError(f"{out} holds {'the data of ' + source if source else 'generated data'}, not the data "
+                            f"--from_original names ({args.from_original or 'none'}); use another --run_dir")
         print(f"01_generate: {out} is complete; nothing to do")
         return
     if args.from_original:

@@ -54,6 +54,17 @@ def test_the_release_becomes_the_runs_test_pairs(tmp_path, capsys):
     assert not (tmp_path / "cache" / "oracle_calls.jsonl").exists()  # no Oracle call
 
 
+def test_a_run_holding_other_data_is_never_reused(tmp_path, capsys):
+    generate(tmp_path / "run", FIXTURE, tmp_path / "cache")
+    generate(tmp_path / "run", FIXTURE, tmp_path / "cache")  # the same data: nothing to do
+    assert "is complete; nothing to do" in capsys.readouterr().out
+    with pytest.raises(StepError, match="holds the data of .*tests/original, not the data --from_original names"):
+        generate(tmp_path / "run", tmp_path / "elsewhere", tmp_path / "cache")
+    argv = ["01_generate.py", "--run_dir", str(tmp_path / "run")]  # generating into it instead
+    with mock.patch.object(sys, "argv", argv), pytest.raises(StepError, match=r"names \(none\); use another --run_dir"):
+        importlib.import_module("01_generate").main()
+
+
 def broken(tmp_path, name, change) -> Path:
     """A copy of the fixture whose file `name` is replaced by change(its parsed JSON) (a string: written as it is;
     None: the file removed)."""
