@@ -39,7 +39,7 @@ for var in $OVERRIDABLE; do [ -z "${!var+set}" ] || printf -v "OVERRIDE_$var" '%
 if [ -n "${DRY_RUN:-}" ]; then  # print each step's command (as a shell would read it) instead of running it
   python() { printf 'python'; printf ' %q' "$@"; echo; }
 fi
-MODELS=""; FROM_ORIGINAL=""  # only the released preset evaluates named models on the original release's data
+MODELS=""; FROM_ORIGINAL=""  # the released preset's: named models (05 --models), the original release's data
 
 # --- Presets: every value that differs between them, in one place ---------------------------------
 # MODEL_FLAGS go to every step (models.ModelSettings; --batch_tokens bounds rows x padded length of a batch,
@@ -102,8 +102,9 @@ case "$PRESET" in
             # prefix>) and the authors' released Questioners (full weights on the hub) evaluated beside m0 (also
             # Q_BASE) with 05's protocol, the Roleplayer and Judge as in paper; README, "The paper's own test set"
     FROM_ORIGINAL="${ORIGINAL:-}"
-    [ -n "$FROM_ORIGINAL" ] || { echo "error: the released preset reads the original release's test split: set ORIGINAL to" \
-      "its folder (star-gate-hgx/... of scandukuri/assistant-gate) or a URL prefix" >&2; exit 2; }
+    [ -n "$FROM_ORIGINAL" ] || { echo "error: the released preset reads the original release's test split: set" \
+      "ORIGINAL to its folder (star-gate-hgx/... of scandukuri/assistant-gate) or a URL prefix" >&2; exit 2; }
+    [ -z "$ABLATIONS" ] || { echo "error: the released preset trains nothing, so it has no ablations" >&2; exit 2; }
     QUESTIONER=hf:mistralai/Mistral-7B-Instruct-v0.2
     MODELS="m0=$QUESTIONER m1=hf:scandukuri/mistral-stargate-m1 m2=hf:scandukuri/mistral-stargate"
     ROLEPLAYER=openai:mistralai/Mixtral-8x7B-Instruct-v0.1@http://127.0.0.1:8001/v1

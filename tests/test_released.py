@@ -92,7 +92,8 @@ def test_the_released_path_runs_end_to_end_on_the_fixture(tmp_path, model_cache,
     # and m0's answers after m1's conversations ("m_t asks, m0 answers"), with intervals; the controls are there.
     convs = {name: read_jsonl(run / "eval" / name / "conversations.jsonl", "conversation") for name in models}
     assert {c["questioner"] for c in convs["m1"]} == {models["m1"]}
-    assert [c["task_id"] + c["persona_id"] for c in convs["m0"]] == [c["task_id"] + c["persona_id"] for c in convs["m1"]]
+    pairs = {name: [(c["task_id"], c["persona_id"]) for c in convs[name]] for name in models}
+    assert pairs["m0"] == pairs["m1"]
     first = {name: [c["messages"][0]["content"] for c in convs[name]] for name in models}
     assert TRAIN_QUESTION in first["m1"] and TRAIN_QUESTION not in first["m0"]  # m1 asked as it was trained to
     for name in ("judgments", "judgments_asks_only"):
@@ -134,3 +135,10 @@ def test_named_models_are_evaluated_as_given_and_the_runs_own_as_before(tmp_path
                                                     ("mine", "openai:mine@http://127.0.0.1:8000/v1", None)]
     own = evaluation.models_to_evaluate(evaluation.Args(run_dir=str(tmp_path), iterations=0, questioner="embedded"))
     assert own == [("m0", "embedded", None)]
+
+
+def test_the_released_preset_has_no_ablations(tmp_path):
+    done = subprocess.run(["bash", "run_all.sh", "released", "--ablations"], cwd=REPO, capture_output=True, text=True,
+                          timeout=60, env=dict(os.environ, DRY_RUN="1", ORIGINAL=str(FIXTURE),
+                                               RUN_DIR=str(tmp_path / "released")))
+    assert done.returncode == 2 and done.stderr.startswith("error: the released preset trains nothing")
