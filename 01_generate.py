@@ -8,9 +8,13 @@ Writes  <run_dir>/data/tasks.jsonl     every task with its split: A, B (training
                                        pair of the same split
 Oracle calls are cached in <cache_dir>/oracle_calls.jsonl as they finish: rerunning after a crash (or
 with a new run_dir) pays for no call twice.
+With --from_original, the paper's own test split is read instead (the original release's files: original.py),
+every pair a test pair with the paper's gold response; no Oracle call. Also writes <run_dir>/data/original.json
+(where the files came from, their sha256).
 
     python 01_generate.py --run_dir runs/tiny --n_tasks 4 4 3 --n_personas 3 3 3
     python 01_generate.py --run_dir runs/paper --oracle openai:gpt-4 --tasks hf:Dahoas/instruct-human-assistant-prompt
+    python 01_generate.py --run_dir runs/released --from_original <the release's folder, or a URL prefix>
 """
 
 import json
@@ -20,9 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from models import ModelSettings, check_specs, truncated
+from original import parse_original, read_original
 from roles import ORACLE_GOLD_PROMPT, ORACLE_SYSTEM, PERSONA_PROMPT, gold_problem
 from utils import (StepError, check_rerun, parse_args, read_jsonl, record_args, run_main, seed_everything,
-                   write_jsonl_atomic)
+                   write_json_atomic, write_jsonl_atomic)
 
 SPLITS = ("A", "B", "test")
 
@@ -49,6 +54,11 @@ class Args:
     retry_temperature: float = field(default=0.7, metadata={"help": "sampling temperature of those retries"})
     seed: int = field(default=0, metadata={"help": "seeds the splits, names, examples and sampling"})
     batch_size: int = field(default=16, metadata={"help": "prompts per batch for a local Oracle"})
+    from_original: str = field(default="", metadata={
+        "help": "read the original release's test split instead of generating: the folder that holds its "
+                "prompts/, personas/ and gold-responses/ (star-gate-hgx/... of scandukuri/assistant-gate), or a URL "
+                "prefix from which exactly those four files are fetched once (cached in <cache_dir>/original/); "
+                "the task, persona and Oracle settings are then not used"})
     overwrite: bool = field(default=False, metadata={
         "help": "redo the data even if it exists (a rerun with other settings stops otherwise)"})
 
@@ -80,6 +90,21 @@ def load_task_texts(source: str) -> list[str]:
     return texts
 
 
+def from_original(args, model_args, out: Path):
+    """The paper's own test split as this run's data: the original release's tasks, personas (with their first
+    names) and GPT-4 gold responses, every pair a test pair (original.py checks each entry). Nothing is generated;
+    every gold response is kept, as in the paper (none is flagged or left out)."""
+    texts, digests = read_original(args.from_original, model_args.cache_dir)
+    tasks, personas, gold = parse_original(texts, args.from_original)
+    write_jsonl_atomic(out / "tasks.jsonl", tasks)
+    write_jsonl_atomic(out / "personas.jsonl", personas)
+    write_json_atomic(out / "original.json", {"from_original": args.from_original, "sha256": digests})
+    write_jsonl_atomic(out / "gold.jsonl", gold)  # last: its presence means the step is complete
+    record_args(out / "args_01_generate.json", args, model_args)
+    print(f"01_generate: wrote {out} from the original release ({args.from_original}): {len(tasks)} tasks x "
+          f"{len(personas)} personas = {len(gold)} test pairs")
+
+
 def main():
     args, model_args = parse_args(Args, ModelSettings)
     seed_everything(args.seed)
@@ -88,7 +113,15 @@ def main():
     check_rerun(out / "args_01_generate.json", [out / f"{name}.jsonl" for name in ("tasks", "personas", "gold")],
                 args.overwrite, args, model_args)
     if (out / "gold.jsonl").exists():
+        recorded = out / "args_01_generate.json"
+        source = json.loads(recorded.read_text()).get("from_original", "") if recorded.exists() else ""
+        if source != args.from_original:  # never evaluate on other data than the command names
+            raise StepError(f"{out} holds {'the data of ' + source if source else 'generated data'}, not the data "
+                            f"--from_original names ({args.from_original or 'none'}); use another --run_dir")
         print(f"01_generate: {out} is complete; nothing to do")
+        return
+    if args.from_original:
+        from_original(args, model_args, out)
         return
     rng = random.Random(args.seed)
     if len(args.n_tasks) != 3 or len(args.n_personas) != 3:

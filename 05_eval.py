@@ -1,6 +1,7 @@
 """Step 5: evaluate m0 .. mT on held-out test pairs (Sec. 4.3 of the paper), and write the report.
 
-Reads   the run's test pairs (01_generate.py) and the adapters <run_dir>/iter{t}/adapter of m1 .. mT.
+Reads   the run's test pairs (01_generate.py) and the adapters <run_dir>/iter{t}/adapter of m1 .. mT;
+        or, with --models NAME=SPEC ..., the named models instead (then eval/<NAME>/ for eval/m{t}/ below).
 Writes  <run_dir>/eval/m{t}/conversations.jsonl  N test conversations per pair with m_t asking
         <run_dir>/eval/m{t}/scores.jsonl         gold log-prob of each (scored by Q_BASE)
         <run_dir>/eval/m{t}/answers.jsonl        m_t's greedy final answer after conversation 0
@@ -18,11 +19,14 @@ win or a loss, disagreement a tie; win rates come with 95% bootstrap intervals. 
 rerunning costs nothing.
 
     python 05_eval.py --run_dir runs/tiny --iterations 2 --n_conversations 3
+    python 05_eval.py --run_dir runs/released --models m0=hf:mistralai/Mistral-7B-Instruct-v0.2 \
+        m2=hf:scandukuri/mistral-stargate --roleplayer ... --judge openai:gpt-4   # the authors' released m2
 """
 
 import importlib
 import json
 import random
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +59,11 @@ class Args:
     n_bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples for the 95%% intervals"})
     baseline_dir: str = field(default="", metadata={
         "help": "another run on the same data whose eval/m0 can be reused (ablations share m0)"})
+    models: list[str] = field(default_factory=list, metadata={
+        "help": "NAME=SPEC ...: evaluate these models instead of the run's m0 .. mT (--iterations and --questioner "
+                "are then not used). The first is the baseline every other is judged against, and Q_BASE (it scores "
+                "the gold log-probs); each a full model spec: embedded, hf:<hub id or path> (loaded as the model "
+                "settings say, 4-bit included), openai:<model>@<url> (served)"})
     ablation_dirs: list[str] = field(default_factory=list, metadata={
         "help": "evaluated ablation runs to put beside this run in the report"})
     seed: int = field(default=0, metadata={"help": "seeds the test pairs, lengths and sampling"})
@@ -123,6 +132,31 @@ def mean(values) -> float:
     return sum(values) / len(values)
 
 
+def models_to_evaluate(args) -> list[tuple[str, str, tuple | None]]:
+    """(name, spec, adapter) of each model, the baseline first: the run's own m0 .. mT (Q_BASE, then Q_BASE with
+    the adapter 04_train.py wrote at each iteration), or the models --models names, each loaded as its spec says."""
+    if not args.models:
+        for t in range(1, args.iterations + 1):  # fail before any work if an adapter is missing
+            if not (questioner_adapter(args.run_dir, t)[1] / "adapter_config.json").exists():
+                raise StepError(f"{questioner_adapter(args.run_dir, t)[1]}: adapter of m{t} missing; run 04_train.py "
+                                f"--iteration {t - 1} first (or lower --iterations)")
+        return [(f"m{t}", args.questioner, questioner_adapter(args.run_dir, t)) for t in range(args.iterations + 1)]
+    named = []
+    for item in args.models:
+        name, _, spec = item.partition("=")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or not spec:
+            raise StepError(f"--models {item!r}: expected NAME=SPEC, NAME of letters, digits, '_', '.' or '-' "
+                            "(it names the model's folder eval/NAME)")
+        if parse_spec(spec)[0] not in ("embedded", "hf", "openai"):
+            raise StepError(f"--models {item!r}: {spec!r} is not a model (use embedded, hf:..., openai:...)")
+        if name in [n for n, _, _ in named]:
+            raise StepError(f"--models: the name {name!r} is given twice")
+        named.append((name, spec, None))
+    if len(named) < 2:
+        raise StepError("--models needs at least two models: the baseline first, then one to judge against it")
+    return named
+
+
 def sample_test_pairs(run_dir, n: int, seed: int, sim: SimulationSettings) -> list[dict]:
     """The test pairs every model faces: a seeded sample of n, sorted by ids, each with its number of turns,
     balanced over min_turns .. max_turns."""
@@ -143,14 +177,14 @@ def scored(scorer, by_pair, records, fields, batch_size) -> list[dict]:
 
 
 def simulate_and_score(questioner, roleplayer, scorer, pairs, by_pair, args, sim_args, t, folder):
-    """m_t's N test conversations per pair, through the dialogue loop of training (tag "test": every model
-    faces the same random draws), and the gold log-prob of each. Returns (conversations, scores)."""
+    """The N test conversations per pair of the t-th model (m_t), through the dialogue loop of training (tag "test":
+    every model faces the same random draws), and the gold log-prob of each. Returns (conversations, scores)."""
     convs = simulate_pairs(questioner, roleplayer, pairs, sim_args, n_conversations=args.n_conversations,
                            seed=args.seed, batch_size=args.batch_size, chunk_pairs=args.chunk_pairs, iteration=t,
-                           final=folder / "conversations.jsonl", tag="test", desc=f"m{t} conversations")
+                           final=folder / "conversations.jsonl", tag="test", desc=f"{folder.name} conversations")
     fields = ("task_id", "persona_id", "conv_id", "iteration", "n_turns")
     scores = resumable(folder / "scores.jsonl", "score", convs, [record_key("conversation", c) for c in convs],
-                       args.chunk_pairs * args.n_conversations, f"m{t} scores",
+                       args.chunk_pairs * args.n_conversations, f"{folder.name} scores",
                        lambda _, chunk, keys: scored(scorer, by_pair, chunk, fields, args.batch_size))
     return convs, scores
 
@@ -227,15 +261,16 @@ def outcomes(judgments) -> list[str]:
             for k in sorted({(r["task_id"], r["persona_id"]) for r in judgments})]
 
 
-def metrics(args, by_pair, results, control_scores, judge_name, world) -> dict:
-    """metrics.json: the log-prob controls, the value of a conversation, and per model its gold log-probs,
-    diagnostics, gain over m0 and win rates. results[t]: m_t's records per output file (its name without .jsonl)."""
-    m0_means = per_pair(results[0]["scores"], mean)
+def metrics(args, by_pair, models, results, control_scores, judge_name, world) -> dict:
+    """metrics.json: the log-prob controls, the value of a conversation, and per model (by name, with its spec) its
+    gold log-probs, diagnostics, gain over the baseline m0 and win rates. results[name]: the model's records per
+    output file (its name without .jsonl); models: (name, spec, adapter), the baseline first."""
+    m0_means = per_pair(results[models[0][0]]["scores"], mean)
     no_conv = {(c["task_id"], c["persona_id"]): c["logprob"] for c in control_scores
                if c["control"] == "no_conversation"}
     select_args = Path(args.run_dir) / "iter0" / "args_03_select.json"
     measured = {"run_dir": args.run_dir, "seed": args.seed, "provenance": provenance(),
-                "questioner": args.questioner, "roleplayer": args.roleplayer,
+                "questioner": models[0][1], "named_models": bool(args.models), "roleplayer": args.roleplayer,
                 "judge": judge_name, "test_pairs": len(by_pair), "n_conversations": args.n_conversations,
                 "target": json.loads(select_args.read_text())["target"] if select_args.exists() else None,
                 "controls": {name: sum(c["logprob"] for c in control_scores if c["control"] == name) / len(by_pair)
@@ -244,9 +279,10 @@ def metrics(args, by_pair, results, control_scores, judge_name, world) -> dict:
                 "conversation_value": paired(m0_means, no_conv, args.n_bootstrap),
                 "min_detectable_effect": min_detectable_effect([m0_means[k] - no_conv[k] for k in m0_means]),
                 "models": {}}
-    for t, files in results.items():
+    for t, (name, spec, adapter) in enumerate(models):
+        files = results[name]
         means = per_pair(files["scores"], mean)
-        m = {"logprob_mean": mean(list(means.values())),
+        m = {"spec": spec + (f"+{adapter[0]}" if adapter else ""), "logprob_mean": mean(list(means.values())),
              "logprob_best": sum(per_pair(files["scores"], max).values()) / len(means),
              "diagnostics": diagnostics(files["conversations"], by_pair)}
         if world is not None:  # the toy preset: do the questions ask about what matters for the task?
@@ -260,9 +296,9 @@ def metrics(args, by_pair, results, control_scores, judge_name, world) -> dict:
             m["gain_over_m0"] = paired(means, m0_means, args.n_bootstrap)
             m["win_rate"] = win_rate(outcomes(files["judgments"]), args.n_bootstrap, args.seed)
             m["asks_only"] = win_rate(outcomes(files["judgments_asks_only"]), args.n_bootstrap, args.seed)
-        measured["models"][f"m{t}"] = m
+        measured["models"][name] = m
     # How many records of each output file come from a prompt cut to fit the context.
-    written = {"controls.jsonl": control_scores} | {f"m{t}/{name}.jsonl": records for t, files in results.items()
+    written = {"controls.jsonl": control_scores} | {f"{model}/{name}.jsonl": records for model, files in results.items()
                                                      for name, records in files.items()}
     measured["truncated"] = {name: sum(r.get("truncated", False) for r in written[name]) for name in sorted(written)}
     return measured
@@ -272,7 +308,7 @@ def win_rate_summary(measured: dict) -> str:
     """'m1 53.3, m2 no verdict': each trained model's win rate, rounded as in the report."""
     rates = {name: m["win_rate"]["win_rate"] for name, m in measured["models"].items() if "win_rate" in m}
     return ", ".join(f"{name} {'no verdict' if rate is None else f'{rate:.1f}'}"
-                     for name, rate in sorted(rates.items())) or "-"
+                     for name, rate in rates.items()) or "-"
 
 
 def report_only(out: Path, ablation_dirs: list[str]):
@@ -291,57 +327,54 @@ def main():
     seed_everything(args.seed)
     out = Path(args.run_dir) / "eval"
     check_specs(questioner=args.questioner, roleplayer=args.roleplayer, judge=args.judge)
+    models = models_to_evaluate(args)  # (name, spec, adapter), the baseline m0 first
     check_rerun(out / "args_05_eval.json", sorted(out.glob("*")), args.overwrite, args, sim_args, model_args)
     if (out / "metrics.json").exists():  # finished: no model is loaded, nothing is recomputed
         report_only(out, args.ablation_dirs)
         return
     pairs = sample_test_pairs(args.run_dir, args.test_pairs, args.seed, sim_args)
     by_pair = {(p["task_id"], p["persona_id"]): p for p in pairs}
-    models = list(range(args.iterations + 1))
-    for t in models[1:]:  # fail before any work if an adapter is missing
-        if not (questioner_adapter(args.run_dir, t)[1] / "adapter_config.json").exists():
-            raise StepError(f"{questioner_adapter(args.run_dir, t)[1]}: adapter of m{t} missing; run 04_train.py "
-                            f"--iteration {t - 1} first (or lower --iterations)")
     if args.baseline_dir and not (out / "m0").exists() and (Path(args.baseline_dir) / "eval" / "m0").is_dir():
         shutil.copytree(Path(args.baseline_dir) / "eval" / "m0", out / "m0")
     record_args(out / "args_05_eval.json", args, sim_args, model_args)
 
     pool = model_args.pool()
     roleplayer = pool.chat(args.roleplayer)
-    scorer = pool.scorer(args.questioner)
-    base = pool.chat(args.questioner, questioner=True)
+    scorer = pool.scorer(models[0][1])  # Q_BASE: the baseline's model, without adapter
+    base = pool.chat(models[0][1], questioner=True)
 
     # 1-3. Each model converses with the Roleplayer on every test pair, is scored, and answers after its first
     # conversation; from m1 on, m0 answers after it too ("m_t asks, m0 answers": in the questions or the answer?).
     results = {}
-    for t in models:
-        folder = out / f"m{t}"
-        questioner = pool.chat(args.questioner, adapter=questioner_adapter(args.run_dir, t), questioner=True)
+    for t, (name, spec, adapter) in enumerate(models):
+        folder = out / name
+        questioner = pool.chat(spec, adapter=adapter, questioner=True)
         convs, scores = simulate_and_score(questioner, roleplayer, scorer, pairs, by_pair, args, sim_args, t, folder)
         first = [c for c in convs if c["conv_id"] == 0]
-        results[t] = {"conversations": convs, "scores": scores,
-                      "answers": final_answers(questioner, by_pair, first, args, folder / "answers.jsonl")}
+        results[name] = {"conversations": convs, "scores": scores,
+                         "answers": final_answers(questioner, by_pair, first, args, folder / "answers.jsonl")}
         if t > 0:
-            results[t]["answers_m0"] = final_answers(base, by_pair, first, args, folder / "answers_m0.jsonl")
-    control_scores = controls(scorer, by_pair, results[0]["conversations"], args, out / "controls.jsonl")
+            results[name]["answers_m0"] = final_answers(base, by_pair, first, args, folder / "answers_m0.jsonl")
+    baseline = results[models[0][0]]
+    control_scores = controls(scorer, by_pair, baseline["conversations"], args, out / "controls.jsonl")
 
     # 4. The Judge compares m_t's answer, and m0's after m_t's conversation, with m0's own, in both orders.
     judge = pool.chat(args.judge, call_cache=Path(model_args.cache_dir) / "judge_calls.jsonl")
     judge_lm = pool.local(args.judge) if parse_spec(args.judge)[0] in ("embedded", "hf") else None
-    m0_answers = answer_texts(results[0]["answers"])
-    for t in models[1:]:
-        folder, files = out / f"m{t}", results[t]
+    m0_answers = answer_texts(baseline["answers"])
+    for name, _, _ in models[1:]:
+        folder, files = out / name, results[name]
         files["judgments"] = judge_both_orders(judge, judge_lm, by_pair, answer_texts(files["answers"]), m0_answers,
                                                args, folder / "judgments.jsonl")
         files["judgments_asks_only"] = judge_both_orders(judge, judge_lm, by_pair, answer_texts(files["answers_m0"]),
                                                          m0_answers, args, folder / "judgments_asks_only.jsonl")
 
     # 5. Metrics and report.
-    measured = metrics(args, by_pair, results, control_scores, judge.name, getattr(roleplayer, "world", None))
+    measured = metrics(args, by_pair, models, results, control_scores, judge.name, getattr(roleplayer, "world", None))
     ablations = {Path(d).name: load_metrics(d) for d in args.ablation_dirs if load_metrics(d)}
     write_json_atomic(out / "metrics.json", measured)
     write_report(out, measured, ablations)
-    print(f"05_eval: {len(pairs)} test pairs; win rate vs m0 (%): {win_rate_summary(measured)}; "
+    print(f"05_eval: {len(pairs)} test pairs; win rate vs {models[0][0]} (%): {win_rate_summary(measured)}; "
           f"{sum(measured['truncated'].values())} records made from a prompt cut to fit the context "
           f"(metrics.json: truncated); report in {out / 'report.md'}")
 

@@ -5,6 +5,7 @@ The paper's numbers (PROTOCOL.md) are kept here so that the report can put ours 
 
 import json
 import random
+import re
 from pathlib import Path
 
 PAPER = {  # Andukuri et al. 2024, test set; the paper's numbers, not ours
@@ -77,22 +78,37 @@ def fmt_ci(ci, digits=1):
     return "-" if ci[0] is None else f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
 
 
+def model_index(name: str) -> int | None:
+    """t of a model named m<t> (the paper's numbers are by iteration); None for another name."""
+    return int(name[1:]) if re.fullmatch(r"m\d+", name) else None
+
+
+def paper(measure: str, name: str) -> float | None:
+    """The paper's number for a measure of the model named m<t> (PAPER), if it has one."""
+    return PAPER[measure].get(model_index(name))
+
+
 def write_report(folder: Path, metrics: dict, ablations: dict[str, dict]):
     """report.md (our numbers beside the paper's) and two PNG plots, in `folder`."""
-    models = sorted(int(m[1:]) for m in metrics["models"])
+    models = list(metrics["models"])  # their names, the baseline m0 first
+    if metrics.get("named_models"):  # 05_eval.py --models: each model as its spec, the first the baseline
+        specs = ", ".join(f"{name} = {metrics['models'][name]['spec']}" for name in models)
+        asking = f"models {specs} (the first is the baseline, m0 below, and Q_BASE)"
+    else:
+        asking = f"Questioner {metrics['questioner']}"
     lines = [f"# STaR-GATE evaluation: {metrics['run_dir']}", "",
              f"{metrics['test_pairs']} test pairs x {metrics['n_conversations']} conversations per model; "
-             f"Questioner {metrics['questioner']}, Roleplayer {metrics['roleplayer']}, Judge {metrics['judge']}.",
+             f"{asking}, Roleplayer {metrics['roleplayer']}, Judge {metrics['judge']}.",
              "Columns marked *paper* are the paper's published numbers (Mistral-7B, GPT-4 judge), not ours.", "",
              "## Win rate against m0 (each comparison judged in both orders; disagreement = tie)", "",
              "| model | win rate % | 95% CI | wins / ties / losses | unparseable | order consistency "
              "| m_t asks, m0 answers % | *paper* |", "|---|---|---|---|---|---|---|---|"]
-    for t in models[1:]:
-        m = metrics["models"][f"m{t}"]
+    for model in models[1:]:
+        m = metrics["models"][model]
         w, a = m["win_rate"], m["asks_only"]
-        lines.append(f"| m{t} | {fmt(w['win_rate'])} | {fmt_ci(w['ci95'])} | {w['wins']} / {w['ties']} / {w['losses']} "
+        lines.append(f"| {model} | {fmt(w['win_rate'])} | {fmt_ci(w['ci95'])} | {w['wins']} / {w['ties']} / {w['losses']} "
                      f"| {w['unparseable']} | {fmt(w['order_consistency'], 2)} | {fmt(a['win_rate'])} {fmt_ci(a['ci95'])} "
-                     f"| *{fmt(PAPER['win_rate'].get(t))}* |")
+                     f"| *{fmt(paper('win_rate', model))}* |")
     scripted = str(metrics["judge"]).startswith("scripted:")
     lines += ["", "Order consistency: the share of pairs decided alike in both orders (a win or a loss); a tie lowers "
               "it, whether the answers were equally good or the Judge contradicted itself"
@@ -101,12 +117,12 @@ def write_report(folder: Path, metrics: dict, ablations: dict[str, dict]):
               "", "## Gold-response log-prob (summed, scored by Q_BASE)", "",
               "| model | mean of N | best of N | m_t - m0 (per pair, mean of N) | 95% CI | *paper mean* | *paper best* |",
               "|---|---|---|---|---|---|---|"]
-    for t in models:
-        m = metrics["models"][f"m{t}"]
+    for model in models:
+        m = metrics["models"][model]
         d = m.get("gain_over_m0", {})
-        lines.append(f"| m{t} | {fmt(m['logprob_mean'])} | {fmt(m['logprob_best'])} | {fmt(d.get('mean'), 2)} "
-                     f"| {fmt_ci(d.get('ci95', [None, None]), 2)} | *{fmt(PAPER['logprob_mean'].get(t))}* "
-                     f"| *{fmt(PAPER['logprob_best'].get(t))}* |")
+        lines.append(f"| {model} | {fmt(m['logprob_mean'])} | {fmt(m['logprob_best'])} | {fmt(d.get('mean'), 2)} "
+                     f"| {fmt_ci(d.get('ci95', [None, None]), 2)} | *{fmt(paper('logprob_mean', model))}* "
+                     f"| *{fmt(paper('logprob_best', model))}* |")
     c = metrics["controls"]
     lines += ["", "| control (m0) | ours | *paper* |", "|---|---|---|"]
     for key, label in (("no_conversation", "no conversation"), ("persona_in_context", "persona in context (upper bound)"),
@@ -124,35 +140,35 @@ def write_report(folder: Path, metrics: dict, ablations: dict[str, dict]):
     lines += ["## Questions asked (diagnostics)", "",
               "| model | questions / conversation | question share of turns | words per question "
               "| answered instead of asking | Roleplayer leaked persona | empty turns |", "|---|---|---|---|---|---|---|"]
-    for t in models:
-        q = metrics["models"][f"m{t}"]["diagnostics"]
-        lines.append(f"| m{t} | {fmt(q['questions_per_conversation'], 2)} | {fmt(q['question_rate'], 2)} "
+    for model in models:
+        q = metrics["models"][model]["diagnostics"]
+        lines.append(f"| {model} | {fmt(q['questions_per_conversation'], 2)} | {fmt(q['question_rate'], 2)} "
                      f"| {fmt(q['words_per_question'])} | {fmt(q['answered_instead'], 2)} | {fmt(q['persona_leak'], 2)} "
                      f"| {q['empty_turns']} |")
-    if "attribute_hit_rate" in metrics["models"]["m0"]["diagnostics"]:  # the toy preset's scripted world
+    if "attribute_hit_rate" in metrics["models"][models[0]]["diagnostics"]:  # the toy preset's scripted world
         lines += ["", "Toy world: share of Questioner turns that ask about an attribute the task depends on: "
-                  + ", ".join(f"m{t} {fmt(metrics['models'][f'm{t}']['diagnostics']['attribute_hit_rate'], 2)}"
-                              for t in models) + "."]
+                  + ", ".join(f"{model} {fmt(metrics['models'][model]['diagnostics']['attribute_hit_rate'], 2)}"
+                              for model in models) + "."]
     lines += ["", "## Final answers (diagnostics)", "",
               "What each model's final answer after conversation 0 is: no answer at all (a question, a refusal, "
               "empty)" + (", and in the toy world: the share of the values the user told that it names, and the "
               "share of the task's attributes for which it names a value the user never told (a guess)."
-              if "revealed_used" in metrics["models"]["m0"].get("answers", {}) else "."), "",
+              if "revealed_used" in metrics["models"][models[0]].get("answers", {}) else "."), "",
               "| model | no answer | question / refusal / empty | revealed values used | values never told "
               "| m0 answering after m_t's conversation: no answer, used, never told |", "|---|---|---|---|---|---|"]
-    for t in models:
-        m = metrics["models"][f"m{t}"]
+    for model in models:
+        m = metrics["models"][model]
         a, b = m.get("answers"), m.get("answers_m0")
         if a is None:
             continue
         kinds = " / ".join(fmt(100 * a[f"no_answer_{k}"], 0) + "%" for k in ("question", "refusal", "empty"))
         other = "-" if b is None else (f"{fmt(100 * b['no_answer'], 0)}%, {pct(b.get('revealed_used'))}, "
                                        f"{pct(b.get('hallucinated'))}")
-        lines.append(f"| m{t} | {fmt(100 * a['no_answer'], 0)}% | {kinds} | {pct(a.get('revealed_used'))} "
+        lines.append(f"| {model} | {fmt(100 * a['no_answer'], 0)}% | {kinds} | {pct(a.get('revealed_used'))} "
                      f"| {pct(a.get('hallucinated'))} | {other} |")
     if ablations:
         # Each ablation beside this run: its win rate and its gold log-prob gain against the same m0.
-        later = [f"m{t}" for t in models[1:]]
+        later = models[1:]
         lines += ["", "## Ablations (against the same m0)", "",
                   "| run | " + " | ".join(f"{m} win rate % [95% CI]" for m in later) + " | "
                   + " | ".join(f"{m} - m0 log-prob, 95% CI" for m in later) + " | "
@@ -169,41 +185,41 @@ def write_report(folder: Path, metrics: dict, ablations: dict[str, dict]):
             gains = [f"{fmt(m['gain_over_m0']['mean'], 2)} {fmt_ci(m['gain_over_m0']['ci95'], 2)}"
                      if "gain_over_m0" in m else "-" for m in found]
             rates = PAPER["win_rate"] if target == "own" else PAPER["ablations"].get(target, {})
-            paper = ", ".join(fmt(rates.get(t)) for t in models[1:])
-            lines.append(f"| {name} (target {target}) | " + " | ".join(wins + gains + answers) + f" | *{paper}* |")
+            numbers = ", ".join(fmt(rates.get(model_index(model))) for model in models[1:])
+            lines.append(f"| {name} (target {target}) | " + " | ".join(wins + gains + answers) + f" | *{numbers}* |")
     lines += ["", "![win rate](winrate.png)", "", "![gold log-prob](logprob.png)", ""]
     (folder / "report.md").write_text("\n".join(lines))
     plot(folder, metrics, models)
 
 
-def plot(folder: Path, metrics: dict, models: list[int]):
+def plot(folder: Path, metrics: dict, models: list[str]):
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no screen
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ts = models[1:]
-    rates = [metrics["models"][f"m{t}"]["win_rate"] for t in ts]
+    ts = list(range(1, len(models)))  # positions, labelled with the models' names
+    rates = [metrics["models"][model]["win_rate"] for model in models[1:]]
     ys = [r["win_rate"] if r["win_rate"] is not None else float("nan") for r in rates]
     err = [[y - r["ci95"][0] if r["ci95"][0] is not None else 0 for y, r in zip(ys, rates)],
            [r["ci95"][1] - y if r["ci95"][1] is not None else 0 for y, r in zip(ys, rates)]]
     ax.errorbar(ts, ys, yerr=err, marker="o", capsize=4, label="ours (95% CI)")
-    ax.plot(ts, [PAPER["win_rate"].get(t, float("nan")) for t in ts], "s--", color="gray", label="paper")
+    ax.plot(ts, [paper("win_rate", model) or float("nan") for model in models[1:]], "s--", color="gray", label="paper")
     ax.axhline(50, color="black", lw=0.8)
-    ax.set(xlabel="iteration", ylabel="win rate vs m0 (%)", ylim=(0, 100), xticks=ts)
+    ax.set(xlabel="model", ylabel="win rate vs m0 (%)", ylim=(0, 100), xticks=ts, xticklabels=models[1:])
     ax.legend()
     fig.tight_layout()
     fig.savefig(folder / "winrate.png", dpi=120)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(models, [metrics["models"][f"m{t}"]["logprob_mean"] for t in models], "o-", label="mean of N")
-    ax.plot(models, [metrics["models"][f"m{t}"]["logprob_best"] for t in models], "o-", label="best of N")
+    ax.plot(range(len(models)), [metrics["models"][model]["logprob_mean"] for model in models], "o-", label="mean of N")
+    ax.plot(range(len(models)), [metrics["models"][model]["logprob_best"] for model in models], "o-", label="best of N")
     styles = {"no_conversation": ":", "persona_in_context": "--", "other_persona": "-."}
     for key, style in styles.items():
         ax.axhline(metrics["controls"][key], ls=style, color="gray", lw=1, label=key.replace("_", " "))
-    ax.set(xlabel="model m_t", ylabel="gold log-prob (nats)", xticks=models)
+    ax.set(xlabel="model m_t", ylabel="gold log-prob (nats)", xticks=range(len(models)), xticklabels=models)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(folder / "logprob.png", dpi=120)
@@ -261,7 +277,7 @@ def results_table(runs: list[str]) -> str:
                 f"| {w['wins']} / {w['ties']} / {w['losses']} | {fmt(asks['win_rate'])} "
                 f"| {fmt(gain['mean'], 2)} {fmt_ci(gain['ci95'], 2)} | {questions} | {pct(a.get('no_answer'))} "
                 f"| {pct(m0['answers'].get('revealed_used'))} -> {pct(a.get('revealed_used'))} "
-                f"| {pct(a.get('hallucinated'))} | *{fmt(PAPER['win_rate'].get(int(name[1:])))}* |")
+                f"| {pct(a.get('hallucinated'))} | *{fmt(paper('win_rate', name))}* |")
         for target in ("gold", "none"):
             other = load_metrics(f"{run}-{target}")
             if other is None:
@@ -274,7 +290,7 @@ def results_table(runs: list[str]) -> str:
                     f"| {run}-{target} | {other.get('seed', '-')} | {target} | {name} | {fmt(w['win_rate'])} "
                     f"{fmt_ci(w['ci95'])} | {fmt(gain['mean'], 2)} {fmt_ci(gain['ci95'], 2)} "
                     f"| {pct(a.get('no_answer'))} | {pct(a.get('hallucinated'))} "
-                    f"| *{fmt(PAPER['ablations'][target].get(int(name[1:])))}* |")
+                    f"| *{fmt(PAPER['ablations'][target].get(model_index(name)))}* |")
     if len(found) > 1:
         for name, rows in sorted(per_model.items()):
             win, win_ci = across_seeds([w["win_rate"] for w, _, _ in rows])
@@ -283,7 +299,7 @@ def results_table(runs: list[str]) -> str:
             tally = " / ".join(str(sum(w[key] for w, _, _ in rows)) for key in ("wins", "ties", "losses"))
             lines.append(f"| mean of {len(rows)} runs | - | {name} | {fmt(win)} {fmt_ci(win_ci)} | {tally} "
                          f"| {fmt(asks)} | {fmt(gain, 2)} {fmt_ci(gain_ci, 2)} | | | | "
-                         f"| *{fmt(PAPER['win_rate'].get(int(name[1:])))}* |")
+                         f"| *{fmt(paper('win_rate', name))}* |")
     if ablation_lines:
         lines += ["", "| run | seed | trained on | model | win rate vs m0 % [95% CI] | gold log-prob m_t - m0 [95% CI] "
                   "| no answer | values never told | *paper win rate* |", "|---|---|---|---|---|---|---|---|---|"]

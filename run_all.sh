@@ -10,10 +10,12 @@
 #   bash run_all.sh laptop           # Mistral-7B-Instruct in 4-bit on one GPU
 #   bash run_all.sh paper            # the paper's sizes and models
 #   bash run_all.sh toy --ablations  # also the paper's two ablations, in runs/<preset>-gold, -none
+#   ORIGINAL=<folder or URL prefix> bash run_all.sh released   # no training: the authors' released m1 and m2 beside
+#                                    # m0 on the paper's own test split (the original release's files), as in paper
 #
 # RUN_DIR=... and CACHE_DIR=... override where outputs and caches go; SEED=1 draws other splits, personas and
 # samples (default 0); DTYPE=float32 computes local models in fp32 (default auto: bf16 on a GPU or on a CPU
-# with native bf16 matmuls).
+# with native bf16 matmuls). DRY_RUN=1 prints each step's command instead of running it.
 #
 # A step whose outputs exist checks that they were made with its settings (its args_<step>.json); if a setting
 # that changes a result differs, it stops with an error naming it. OVERWRITE=1 redoes every step of the run with
@@ -21,7 +23,7 @@
 # RUN_DIR=runs/<new> keeps the old run beside the new one.
 #
 # Any preset value can be overridden from the environment: QUESTIONER, ROLEPLAYER, ORACLE, JUDGE, ITERATIONS,
-# N_TASKS, N_PERSONAS, N, TOP_K, TEST_PAIRS, EVAL_N and the *_FLAGS below; a role the preset gives the
+# N_TASKS, N_PERSONAS, N, TOP_K, TEST_PAIRS, EVAL_N, MODELS and the *_FLAGS below; a role the preset gives the
 # Questioner's model (laptop: Roleplayer, and Oracle and Judge without a key) follows an overridden QUESTIONER:
 #   QUESTIONER=hf:/models/my-7b-instruct bash run_all.sh laptop   # another 7B model, 4-bit, in those roles
 #   N_TASKS="8 8 4" N_PERSONAS="2 2 2" TEST_PAIRS=8 TRAIN_FLAGS="--batch_size 2" bash run_all.sh laptop
@@ -40,9 +42,13 @@ CACHE_DIR="${CACHE_DIR:-cache}"
 START=$SECONDS
 
 # The environment's overrides, kept aside while the preset assigns its values, then put back over them.
-OVERRIDABLE="QUESTIONER ROLEPLAYER ORACLE JUDGE ITERATIONS N_TASKS N_PERSONAS N TOP_K TEST_PAIRS EVAL_N
+OVERRIDABLE="QUESTIONER ROLEPLAYER ORACLE JUDGE ITERATIONS N_TASKS N_PERSONAS N TOP_K TEST_PAIRS EVAL_N MODELS
   MODEL_FLAGS SIM_FLAGS GEN_FLAGS SELECT_FLAGS TRAIN_FLAGS EVAL_FLAGS"
 for var in $OVERRIDABLE; do [ -z "${!var+set}" ] || printf -v "OVERRIDE_$var" '%s' "${!var}"; done
+if [ -n "${DRY_RUN:-}" ]; then  # print each step's command (as a shell would read it) instead of running it
+  python() { printf 'python'; printf ' %q' "$@"; echo; }
+fi
+MODELS=""; FROM_ORIGINAL=""  # the released preset's: named models (05 --models), the original release's data
 
 # --- Presets: every value that differs between them, in one place ---------------------------------
 # MODEL_FLAGS go to every step (models.ModelSettings; --batch_tokens bounds rows x padded length of a batch,
@@ -103,7 +109,21 @@ case "$PRESET" in
     MODEL_FLAGS="--batch_tokens 16384"; SIM_FLAGS=""; SELECT_FLAGS=""; TRAIN_FLAGS=""; EVAL_FLAGS=""
     GEN_FLAGS="--tasks hf:Dahoas/instruct-human-assistant-prompt"
     ;;
-  *) echo "unknown preset '$PRESET': use tiny, toy, laptop, paper (or smoke, for the tests)" >&2; exit 2 ;;
+  released) # no training: the paper's own test split (the original release's files: ORIGINAL=<their folder, or a URL
+            # prefix>) and the authors' released Questioners (full weights on the hub) evaluated beside m0 (also
+            # Q_BASE) with 05's protocol, the Roleplayer and Judge as in paper; README, "The paper's own test set"
+    FROM_ORIGINAL="${ORIGINAL:-}"
+    [ -n "$FROM_ORIGINAL" ] || { echo "error: the released preset reads the original release's test split: set" \
+      "ORIGINAL to its folder (star-gate-hgx/... of scandukuri/assistant-gate) or a URL prefix" >&2; exit 2; }
+    [ -z "$ABLATIONS" ] || { echo "error: the released preset trains nothing, so it has no ablations" >&2; exit 2; }
+    QUESTIONER=hf:mistralai/Mistral-7B-Instruct-v0.2
+    MODELS="m0=$QUESTIONER m1=hf:scandukuri/mistral-stargate-m1 m2=hf:scandukuri/mistral-stargate"
+    ROLEPLAYER=openai:mistralai/Mixtral-8x7B-Instruct-v0.1@http://127.0.0.1:8001/v1
+    ORACLE=""; JUDGE=openai:gpt-4
+    ITERATIONS=0; N_TASKS=""; N_PERSONAS=""; N=10; TOP_K=1; TEST_PAIRS=300
+    MODEL_FLAGS="--batch_tokens 16384"; SIM_FLAGS=""; GEN_FLAGS=""; SELECT_FLAGS=""; TRAIN_FLAGS=""; EVAL_FLAGS=""
+    ;;
+  *) echo "unknown preset '$PRESET': use tiny, toy, laptop, paper, released (or smoke, for the tests)" >&2; exit 2 ;;
 esac
 PRESET_QUESTIONER=$QUESTIONER
 for var in $OVERRIDABLE; do  # said aloud: a variable left in the shell must not change a run unnoticed
@@ -139,8 +159,12 @@ if [ -n "${BASE_MODEL:-}" ] && [ "$QUESTIONER" = "$PRESET_QUESTIONER" ]; then  #
   $BASE_MODEL
 fi
 echo "== $RUN_DIR: data =="
-python 01_generate.py --run_dir "$RUN_DIR" --oracle "$ORACLE" --n_tasks $N_TASKS --n_personas $N_PERSONAS \
-  $STEP $GEN_FLAGS
+if [ -n "$FROM_ORIGINAL" ]; then  # the original release's test split as it is: nothing generated
+  python 01_generate.py --run_dir "$RUN_DIR" --from_original "$FROM_ORIGINAL" $STEP $GEN_FLAGS
+else
+  python 01_generate.py --run_dir "$RUN_DIR" --oracle "$ORACLE" --n_tasks $N_TASKS --n_personas $N_PERSONAS \
+    $STEP $GEN_FLAGS
+fi
 run_method "$RUN_DIR" own
 
 EVAL_RUNS=()
@@ -161,7 +185,9 @@ fi
 
 evaluate() {  # $1 = run folder, then extra flags
   local dir="$1"; shift
-  python 05_eval.py --run_dir "$dir" --iterations "$ITERATIONS" --questioner "$ASK" \
+  local models=(--iterations "$ITERATIONS" --questioner "$ASK")  # the run's own m0 .. mT
+  [ -z "$MODELS" ] || models=(--models $MODELS)  # or the named models, the first the baseline and Q_BASE
+  python 05_eval.py --run_dir "$dir" "${models[@]}" \
     --roleplayer "$ROLEPLAYER" --judge "$JUDGE" --n_conversations "$EVAL_N" --test_pairs "$TEST_PAIRS" \
     $COMMON $ASK_FLAGS $SIM_FLAGS $EVAL_FLAGS "$@"
 }

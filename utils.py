@@ -298,6 +298,10 @@ def _write_atomic(path, text: str):
         raise
 
 
+def write_text_atomic(path, text: str):
+    _write_atomic(path, text)
+
+
 def write_jsonl_atomic(path, records):
     _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
