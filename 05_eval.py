@@ -327,13 +327,13 @@ def main():
     seed_everything(args.seed)
     out = Path(args.run_dir) / "eval"
     check_specs(questioner=args.questioner, roleplayer=args.roleplayer, judge=args.judge)
-    models = models_to_evaluate(args)  # (name, spec, adapter), the baseline m0 first
     check_rerun(out / "args_05_eval.json", sorted(out.glob("*")), args.overwrite, args, sim_args, model_args)
     if (out / "metrics.json").exists():  # finished: no model is loaded, nothing is recomputed
         report_only(out, args.ablation_dirs)
         return
     pairs = sample_test_pairs(args.run_dir, args.test_pairs, args.seed, sim_args)
     by_pair = {(p["task_id"], p["persona_id"]): p for p in pairs}
+    models = models_to_evaluate(args)  # (name, spec, adapter), the baseline m0 first
     if args.baseline_dir and not (out / "m0").exists() and (Path(args.baseline_dir) / "eval" / "m0").is_dir():
         shutil.copytree(Path(args.baseline_dir) / "eval" / "m0", out / "m0")
     record_args(out / "args_05_eval.json", args, sim_args, model_args)

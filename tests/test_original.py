@@ -58,10 +58,10 @@ def test_a_run_holding_other_data_is_never_reused(tmp_path, capsys):
     generate(tmp_path / "run", FIXTURE, tmp_path / "cache")
     generate(tmp_path / "run", FIXTURE, tmp_path / "cache")  # the same data: nothing to do
     assert "is complete; nothing to do" in capsys.readouterr().out
-    with pytest.raises(StepError, match="holds the data of .*tests/original, not the data --from_original names"):
+    with pytest.raises(StepError, match="made with other settings \\(--from_original '.*tests/original' -> "):
         generate(tmp_path / "run", tmp_path / "elsewhere", tmp_path / "cache")
     argv = ["01_generate.py", "--run_dir", str(tmp_path / "run")]  # generating into it instead
-    with mock.patch.object(sys, "argv", argv), pytest.raises(StepError, match=r"names \(none\); use another --run_dir"):
+    with mock.patch.object(sys, "argv", argv), pytest.raises(StepError, match=r"--from_original '.*tests/original' -> ''"):
         importlib.import_module("01_generate").main()
 
 
