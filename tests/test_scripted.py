@@ -179,9 +179,10 @@ def test_toy_data_step_with_the_scripted_oracle(tmp_path, model_cache):
 
 
 def test_toy_evaluation_judges_answers_and_reports_what_they_used(tmp_path, model_cache, trained):
-    """05_eval.py in the toy world (scripted Roleplayer and Judge), with conftest's adapter as m1: every test
-    pair is judged in both orders by the toy Judge, and metrics.json and the report carry the answers' use
-    of what was revealed."""
+    """05_eval.py in the toy world (scripted Roleplayer and Judge), with conftest's adapter as m1 and
+    --judge_all_conversations: the answer after every test conversation is judged in both orders by the toy Judge,
+    metrics.json and the report carry the answers' use of what was revealed, and the report shows the first test
+    pairs by id side by side."""
     run, cache = tmp_path / "run", tmp_path / "cache"
     cache.mkdir()
     (cache / "SmolLM2-135M-Instruct").symlink_to((model_cache / "SmolLM2-135M-Instruct").resolve())
@@ -192,16 +193,21 @@ def test_toy_evaluation_judges_answers_and_reports_what_they_used(tmp_path, mode
                           cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     shutil.copytree(trained[0] / "adapter", run / "iter0" / "adapter")
-    done = subprocess.run([sys.executable, "05_eval.py", *common, "--iterations", "1", "--questioner", "embedded",
-                           "--roleplayer", "scripted:data/toy", "--judge", "scripted:data/toy", "--n_conversations", "1",
-                           "--test_pairs", "4", "--question_max_tokens", "12", "--final_max_tokens", "16"],
-                          cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
+    command = [sys.executable, "05_eval.py", *common, "--iterations", "1", "--questioner", "embedded",
+                           "--roleplayer", "scripted:data/toy", "--judge", "scripted:data/toy", "--n_conversations", "2",
+                           "--test_pairs", "4", "--question_max_tokens", "12", "--final_max_tokens", "16",
+                           "--judge_all_conversations"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     m1 = metrics["models"]["m1"]
-    assert m1["win_rate"]["n"] == 4 and m1["win_rate"]["unparseable"] == 0
+    assert m1["win_rate"]["n"] == 8 and m1["win_rate"]["unparseable"] == 0  # 4 pairs x 2 conversations
+    assert metrics["judged_per_pair"] == 2 and len(m1["win_rate"]["ci95_cluster"]) == 2
     judgments = read_jsonl(run / "eval" / "m1" / "judgments.jsonl", "judgment")
-    assert len(judgments) == 8 and all(j["output"].startswith("Response A scores") for j in judgments)
+    assert len(judgments) == 16 and all(j["output"].startswith("Response A scores") for j in judgments)
+    assert {j["conv_id"] for j in judgments} == {0, 1}
+    for name in ("m0/answers.jsonl", "m1/answers.jsonl", "m1/answers_m0.jsonl"):
+        assert len(read_jsonl(run / "eval" / name, "answer")) == 8
     for name in ("m0", "m1"):
         answers = metrics["models"][name]["answers"]
         assert 0 <= answers["no_answer"] <= 1 and 0 <= answers["hallucinated"] <= 1
@@ -210,3 +216,16 @@ def test_toy_evaluation_judges_answers_and_reports_what_they_used(tmp_path, mode
     assert "answers_m0" in m1 and metrics["provenance"]["commit"]
     report = (run / "eval" / "report.md").read_text()
     assert "## Final answers" in report and "values never told" in report
+    # What changed, side by side: the first 3 test pairs by id, m0's and m1's conversation 0, answers, verdicts.
+    assert "## What changed: m0 and m1 side by side" in report and "The first 3 test pairs by id" in report
+    pairs = sorted({(j["task_id"], j["persona_id"]) for j in judgments})
+    shown = [line for line in report.splitlines() if line.startswith("### ")]
+    assert [line.split(":")[0] for line in shown] == [f"### {t} x {p}" for t, p in pairs[:3]]
+    answers = {(a["task_id"], a["persona_id"], a["conv_id"]): a["answer"]
+               for a in read_jsonl(run / "eval" / "m1" / "answers.jsonl", "answer")}
+    section = report.split(shown[0])[1].split("### ")[0]
+    assert answers[(*pairs[0], 0)].replace("\n", "<br>").replace("|", "\\|") in section
+    assert "| Questioner, turn 1 |" in section and "| final answer |" in section and "with m1's answer shown as A" in section
+    # A rerun that asks for other answers (one per pair) than the files hold says so instead of reusing them.
+    done = subprocess.run(command[:-1], cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 2 and "answers.jsonl: holds 8 records, not the 4" in done.stderr
