@@ -178,6 +178,61 @@ def test_toy_data_step_with_the_scripted_oracle(tmp_path, model_cache):
     assert "0 of 14 gold responses flagged" in done.stdout
 
 
+def test_stratified_splits_give_every_test_task_training_tasks_of_its_family():
+    """--stratify_by attributes (01_generate.stratified): every family of toy tasks (its pair of attributes) is
+    spread over A, B and test in proportion; one plain shuffle leaves test tasks whose family is never trained on."""
+    import collections
+    import importlib
+    import random
+
+    generate = importlib.import_module("01_generate")
+    source = str(REPO / "data" / "toy" / "tasks.jsonl")
+    texts, family = generate.load_task_texts(source), generate.task_families(source, "attributes")
+    assert len(set(family.values())) == 12
+
+    def splits(n_tasks, seed, stratify):
+        shuffled, rng = list(texts), random.Random(seed)
+        rng.shuffle(shuffled)
+        if stratify:
+            shuffled = generate.stratified(shuffled, family, n_tasks, rng)
+        cuts = [sum(n_tasks[:i]) for i in range(4)]
+        return [collections.Counter(family[t] for t in shuffled[a:b]) for a, b in zip(cuts, cuts[1:])]
+
+    def unseen(a, b, test):  # test tasks with no task of their family in A or none in B
+        return sum(n for f, n in test.items() if not a[f] or not b[f])
+
+    for seed in range(5):
+        a, b, test = splits([24, 24, 24], seed, stratify=True)  # the toy preset's sizes
+        assert all(a[f] == b[f] == test[f] == 2 for f in set(family.values()))
+        assert unseen(*splits([36, 18, 18], seed, stratify=True)) == 0
+        assert [sum(c.values()) for c in splits([8, 8, 8], seed, stratify=True)] == [8, 8, 8]
+    assert max(unseen(*splits([24, 24, 24], seed, stratify=False)) for seed in range(5)) > 0
+
+
+def test_the_data_step_stratifies_by_a_field_of_the_task_file(tmp_path):
+    def generate(run, tasks, n_tasks):
+        return subprocess.run([sys.executable, "01_generate.py", "--run_dir", str(run), "--oracle", "scripted:data/toy",
+                               "--tasks", str(tasks), "--n_tasks", *n_tasks, "--n_personas", "1", "1", "1",
+                               "--stratify_by", "attributes", "--cache_dir", str(tmp_path / "cache")], cwd=REPO,
+                              capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+
+    done = generate(tmp_path / "run", "data/toy/tasks.jsonl", ["24", "24", "24"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    family = {t["text"]: tuple(t["attributes"]) for t in read_jsonl(REPO / "data" / "toy" / "tasks.jsonl")}
+    written = read_jsonl(tmp_path / "run" / "data" / "tasks.jsonl", "task")
+    for split in ("A", "B", "test"):
+        counts = {f: sum(family[t["text"]] == f and t["split"] == split for t in written) for f in set(family.values())}
+        assert set(counts.values()) == {2}
+    args = json.loads((tmp_path / "run" / "data" / "args_01_generate.json").read_text())
+    assert args["stratify_by"] == "attributes"
+    # A record without the field: one error line naming the file and line, nothing written.
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text('{"text": "Plan a trip.", "attributes": ["city", "budget"]}\n{"text": "Cook something."}\n')
+    done = generate(tmp_path / "bad", tasks, ["1", "0", "1"])
+    assert done.returncode == 2 and f"error: {tasks}:2: no field 'attributes'" in done.stderr
+    assert not (tmp_path / "bad").exists()
+
+
 def test_toy_evaluation_judges_answers_and_reports_what_they_used(tmp_path, model_cache, trained):
     """05_eval.py in the toy world (scripted Roleplayer and Judge), with conftest's adapter as m1 and
     --judge_all_conversations: the answer after every test conversation is judged in both orders by the toy Judge,
