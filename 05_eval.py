@@ -227,8 +227,7 @@ def judge_both_orders(judge, judge_lm, by_pair, new: dict, old: dict, args, path
     def make(_, chunk, chunk_keys):
         texts = judge.generate(chunk, max_new_tokens=args.judge_max_tokens, temperature=0.0, batch_size=args.batch_size)
         records = [{"task_id": k[0], "persona_id": k[1], "conv_id": k[2], "order": k[3], "judge": judge.name,
-                    "output": text,
-                    "verdict": parse_verdict(text), "truncated": c}
+                    "output": text, "verdict": parse_verdict(text), "truncated": c}
                    for k, text, c in zip(chunk_keys, texts, truncated(judge, chunk, args.judge_max_tokens))]
         if judge_lm is not None:  # a local judge: read the verdict off its next-token likelihoods
             ends = [f"{r['output']}\n\nVerdict: {x}" for r in records for x in "AB"]
