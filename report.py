@@ -79,12 +79,12 @@ def win_rate(outcomes: list[float | None], n_boot: int = 2000, seed: int = 0,
     order consistency. With each comparison's clusters (cluster_bootstrap_ci) also the interval that resamples
     those (ci95_cluster), the one that fits a design of tasks x personas."""
     scored = [o for o in outcomes if o is not None]
-    if not scored:
-        return {"win_rate": None, "ci95": [None, None], "n": 0, "unparseable": len(outcomes),
-                "order_consistency": None, "wins": 0, "losses": 0, "ties": 0}
-    ci = bootstrap_ci([100 * o for o in scored], n_boot, seed)
     cluster = {} if clusters is None else {"ci95_cluster": cluster_bootstrap_ci(
         [100 * o for o in scored], [c for o, c in zip(outcomes, clusters) if o is not None], n_boot, seed)}
+    if not scored:
+        return {"win_rate": None, "ci95": [None, None], **cluster, "n": 0, "unparseable": len(outcomes),
+                "order_consistency": None, "wins": 0, "losses": 0, "ties": 0}
+    ci = bootstrap_ci([100 * o for o in scored], n_boot, seed)
     return {"win_rate": 100 * sum(scored) / len(scored), "ci95": ci, **cluster, "n": len(scored),
             "unparseable": len(outcomes) - len(scored),
             "order_consistency": sum(o != 0.5 for o in scored) / len(scored),

@@ -31,8 +31,9 @@ def test_win_rate_counts_ties_half_and_reports_consistency():
 
 
 def test_win_rate_with_nothing_parseable():
-    result = win_rate([None, None])
+    result = win_rate([None, None], clusters=[("t0",), ("t1",)])
     assert result["win_rate"] is None and result["unparseable"] == 2 and result["n"] == 0
+    assert result["ci95_cluster"] == [None, None]
 
 
 def test_bootstrap_interval_narrows_with_more_data_and_is_degenerate_for_constants():
