@@ -42,6 +42,10 @@ class Args:
     names: str = field(default="data/names.txt", metadata={"help": "first names, one per line"})
     n_tasks: list[int] = field(default_factory=lambda: [250, 250, 50], metadata={
         "help": "tasks in splits A, B and test (paper: 250 250 50)"})
+    stratify_by: str = field(default="", metadata={
+        "help": "a field of the JSONL task file's records that names each task's family (toy: attributes): "
+                "each family's tasks are dealt over A, B and test in proportion to the splits' sizes, so a test "
+                "task's family is trained on too (default: one shuffle, cut into the splits)"})
     n_personas: list[int] = field(default_factory=lambda: [50, 50, 10], metadata={
         "help": "personas in splits A, B and test (paper: 50 50 10)"})
     oracle: str = field(default="embedded", metadata={"help": "Oracle model spec (paper: GPT-4)"})
@@ -105,6 +109,37 @@ def from_original(args, model_args, out: Path):
           f"{len(personas)} personas = {len(gold)} test pairs")
 
 
+def task_families(source: str, field_name: str) -> dict[str, str]:
+    """Task text -> its family: the value of field_name in its record of a JSONL task file (equal values, one
+    family)."""
+    if not source.endswith(".jsonl"):
+        raise StepError(f"--stratify_by {field_name}: needs a JSONL task file whose records carry that field, "
+                        f"not {source}")
+    families = {}
+    for number, record in enumerate(read_jsonl(source), start=1):
+        if field_name not in record:
+            raise StepError(f"{source}:{number}: no field '{field_name}' to stratify the splits by")
+        families[record["text"].strip()] = json.dumps(record[field_name], sort_keys=True)
+    return families
+
+
+def stratified(texts: list[str], family: dict[str, str], n_tasks: list[int], rng: random.Random) -> list[str]:
+    """The texts reordered so that cutting them into n_tasks (A, B, test) spreads every family over the splits
+    in proportion: the families one after another (in a seeded order), each family's tasks in their given
+    order, are dealt a sequence of split labels in which each split's labels (and those of the tasks left
+    unused) are spread evenly (A, B, test, A, B, test, ... for equal splits)."""
+    groups = {}
+    for text in texts:
+        groups.setdefault(family[text], []).append(text)
+    order = sorted(groups)
+    rng.shuffle(order)
+    grouped = [text for f in order for text in groups[f]]
+    sizes = [*n_tasks, len(texts) - sum(n_tasks)]  # the three splits, then the unused tasks
+    labels = sorted(((k + 0.5) / n, split) for split, n in enumerate(sizes) for k in range(n))
+    dealt = sorted(zip((split for _, split in labels), range(len(grouped))))  # by split, then position
+    return [grouped[i] for _, i in dealt]
+
+
 def main():
     args, model_args = parse_args(Args, ModelSettings)
     seed_everything(args.seed)
@@ -127,11 +162,16 @@ def main():
     if len(args.n_tasks) != 3 or len(args.n_personas) != 3:
         raise StepError("--n_tasks and --n_personas each take three numbers: A B test")
 
-    # Tasks: shuffle once with the seed and cut into the three splits (Sec. 4.1).
+    # Tasks: shuffle once with the seed and cut into the three splits (Sec. 4.1); with --stratify_by, every
+    # family of tasks is spread over the splits first (not the paper's protocol: it then measures how the
+    # Questioner generalises to new tasks of families it trained on).
     texts = load_task_texts(args.tasks)
     if sum(args.n_tasks) > len(texts):
         raise StepError(f"{args.tasks}: {len(texts)} tasks, but --n_tasks asks for {sum(args.n_tasks)}")
+    family = task_families(args.tasks, args.stratify_by) if args.stratify_by else None
     rng.shuffle(texts)
+    if family is not None:
+        texts = stratified(texts, family, args.n_tasks, rng)
     split_of = [s for s, n in zip(SPLITS, args.n_tasks) for _ in range(n)]
     tasks = [{"task_id": f"t{i:04d}", "split": s, "text": t} for i, (s, t) in enumerate(zip(split_of, texts))]
 

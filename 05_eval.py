@@ -4,9 +4,10 @@ Reads   the run's test pairs (01_generate.py) and the adapters <run_dir>/iter{t}
         or, with --models NAME=SPEC ..., the named models instead (then eval/<NAME>/ for eval/m{t}/ below).
 Writes  <run_dir>/eval/m{t}/conversations.jsonl  N test conversations per pair with m_t asking
         <run_dir>/eval/m{t}/scores.jsonl         gold log-prob of each (scored by Q_BASE)
-        <run_dir>/eval/m{t}/answers.jsonl        m_t's greedy final answer after conversation 0
+        <run_dir>/eval/m{t}/answers.jsonl        m_t's greedy final answer after conversation 0 (after every
+                                                 conversation with --judge_all_conversations)
         <run_dir>/eval/m{t}/answers_m0.jsonl     m0's answer after m_t's conversation ("m_t asks, m0 answers")
-        <run_dir>/eval/m{t}/judgments*.jsonl     the Judge's verdicts, both orders
+        <run_dir>/eval/m{t}/judgments*.jsonl     the Judge's verdicts, both orders, per answered conversation
         <run_dir>/eval/controls.jsonl            log-prob controls: no conversation, persona in context,
                                                  a conversation from a different persona
         <run_dir>/eval/metrics.json, report.md, winrate.png, logprob.png
@@ -15,8 +16,9 @@ Every model faces the same test pairs, conversation lengths (balanced over --min
 random seeds, so differences come from the model. The test conversations go through 02_simulate.py's dialogue
 loop with the same simulation settings as training, and are scored by 03_select.py's reward, gold_logprob.
 Unlike the paper, each comparison is judged in BOTH orders (position bias was large there): agreement is a
-win or a loss, disagreement a tie; win rates come with 95% bootstrap intervals. Judge calls are cached, so
-rerunning costs nothing.
+win or a loss, disagreement a tie; win rates and log-prob gains come with 95% bootstrap intervals that resample
+the test tasks, then the pairs within them (a pair is a task x a persona: pairs of one task are not independent).
+Judge calls are cached, so rerunning costs nothing.
 
     python 05_eval.py --run_dir runs/tiny --iterations 2 --n_conversations 3
     python 05_eval.py --run_dir runs/released --models m0=hf:mistralai/Mistral-7B-Instruct-v0.2 \
@@ -32,7 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from models import ModelSettings, check_specs, parse_spec, truncated
-from report import bootstrap_ci, load_metrics, min_detectable_effect, pair_outcome, win_rate, write_report
+from report import (bootstrap_ci, cluster_bootstrap_ci, load_metrics, min_detectable_effect, pair_outcome, win_rate,
+                    write_report)
 from roles import JUDGE_PROMPT, JUDGE_SYSTEM, answer_problem, answer_view, parse_verdict
 from utils import (StepError, check_rerun, load_pairs, parse_args, provenance, questioner_adapter, read_jsonl,
                    record_args, record_key, resumable, run_main, seed_everything, write_json_atomic)
@@ -57,6 +60,11 @@ class Args:
     final_max_tokens: int = field(default=300, metadata={"help": "token cap of a model's final answer"})
     judge_max_tokens: int = field(default=200, metadata={"help": "token cap of a Judge's comparison"})
     n_bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples for the 95%% intervals"})
+    judge_all_conversations: bool = field(default=False, metadata={
+        "help": "every model answers after each of its N test conversations and the Judge compares each answer "
+                "with m0's after the conversation of the same number (default: conversation 0 of each pair)"})
+    n_examples: int = field(default=3, metadata={
+        "help": "test pairs shown side by side in the report (the first by id): m0's and m_T's conversation 0"})
     baseline_dir: str = field(default="", metadata={
         "help": "another run on the same data whose eval/m0 can be reused (ablations share m0)"})
     models: list[str] = field(default_factory=list, metadata={
@@ -93,7 +101,8 @@ def diagnostics(conversations, pairs) -> dict:
 
 
 def answer_diagnostics(answers: dict, conversations: dict, pairs: dict, world=None) -> dict:
-    """What the final answers are (pair -> answer, after the pair's conversation): the share that is no answer
+    """What the final answers are ((task_id, persona_id, conv_id) -> answer, after that conversation, keyed as in
+    `conversations`; `pairs` by (task_id, persona_id)): the share that is no answer
     at all (a question, a refusal, empty: roles.answer_problem). In the toy world also, over the task's relevant
     attributes, the share of values the user told that the answer names (`revealed_used`), and the share of
     attributes for which it names a value the user never told (`hallucinated`, a guess right or wrong)."""
@@ -102,7 +111,7 @@ def answer_diagnostics(answers: dict, conversations: dict, pairs: dict, world=No
               **{f"no_answer_{kind}": sum(p == kind for p in problems) / len(problems)
                  for kind in ("question", "refusal", "empty")}}
     if world is not None:
-        use = [world.answer_use(answers[k], conversations[k], pairs[k]["task"]) for k in sorted(answers)]
+        use = [world.answer_use(answers[k], conversations[k], pairs[k[:2]]["task"]) for k in sorted(answers)]
         result["revealed_used"] = sum(u["used"] for u in use) / max(1, sum(u["told"] for u in use))
         result["hallucinated"] = sum(u["hallucinated"] for u in use) / sum(u["attributes"] for u in use)
     return result
@@ -124,8 +133,11 @@ def per_pair(records, reduce) -> dict:
 
 
 def paired(new: dict, old: dict, n_boot: int) -> dict:
+    """The mean difference per pair ((task_id, persona_id) -> value), with 95% intervals resampling the pairs
+    (ci95) and the tasks, then their pairs (ci95_cluster)."""
     diffs = [new[k] - old[k] for k in sorted(old)]
-    return {"mean": sum(diffs) / len(diffs), "ci95": bootstrap_ci(diffs, n_boot), "n": len(diffs)}
+    return {"mean": sum(diffs) / len(diffs), "ci95": bootstrap_ci(diffs, n_boot),
+            "ci95_cluster": cluster_bootstrap_ci(diffs, [k[:1] for k in sorted(old)], n_boot), "n": len(diffs)}
 
 
 def mean(values) -> float:
@@ -190,7 +202,7 @@ def simulate_and_score(questioner, roleplayer, scorer, pairs, by_pair, args, sim
 
 
 def final_answers(model, by_pair, convs, args, path: Path) -> list[dict]:
-    """A model's greedy final answer after each conversation (conv 0 of each pair), asked as in 03."""
+    """A model's greedy final answer after each of the given conversations, asked as in 03."""
     def make(_, chunk, keys):
         views = [answer_view(by_pair[k[:2]]["name"], by_pair[k[:2]]["task"], c["messages"])
                  for k, c in zip(keys, chunk)]
@@ -198,11 +210,21 @@ def final_answers(model, by_pair, convs, args, path: Path) -> list[dict]:
         return [{"task_id": k[0], "persona_id": k[1], "conv_id": k[2], "answer": a.strip(), "answerer": model.name,
                  "truncated": c} for k, a, c in zip(keys, texts, truncated(model, views, args.final_max_tokens))]
     keys = [record_key("conversation", c) for c in convs]
-    return resumable(path, "answer", convs, keys, args.chunk_pairs, f"{path.parent.name} {path.name}", make)
+    return as_asked(path, "answer", keys,
+                    resumable(path, "answer", convs, keys, args.chunk_pairs, f"{path.parent.name} {path.name}", make))
+
+
+def as_asked(path: Path, kind: str, keys: list[tuple], records: list[dict]) -> list[dict]:
+    """The records, checked to be the ones asked for: a file written with another --judge_all_conversations
+    is an error, never reused in silence."""
+    if sorted(record_key(kind, r) for r in records) != sorted(keys):
+        raise StepError(f"{path}: holds {len(records)} records, not the {len(keys)} this evaluation asks for "
+                        f"(written with another --judge_all_conversations?); remove it or use another --run_dir")
+    return records
 
 
 def answer_texts(answers) -> dict:
-    return {(a["task_id"], a["persona_id"]): a["answer"] for a in answers}
+    return {record_key("answer", a): a["answer"] for a in answers}
 
 
 def controls(scorer, by_pair, m0_convs, args, path: Path) -> list[dict]:
@@ -224,23 +246,24 @@ def controls(scorer, by_pair, m0_convs, args, path: Path) -> list[dict]:
 
 
 def judge_both_orders(judge, judge_lm, by_pair, new: dict, old: dict, args, path: Path) -> list[dict]:
-    """The Judge compares each pair's new answer (m_t's) with the old one (m0's), in both orders (cached calls).
+    """The Judge compares each new answer (m_t's) with the old one (m0's) after the conversation of the same pair
+    and number, in both orders (cached calls). new, old: (task_id, persona_id, conv_id) -> answer.
 
     The verdict is parsed from the Judge's text. A local judge that wrote none (the embedded model rarely
     does) gives it as the likelier of "Verdict: A" and "Verdict: B" after its own comparison (judge_lm).
     """
     items, keys = [], []
     for k in sorted(new):
-        p = by_pair[k]
+        p = by_pair[k[:2]]
         for order, (a, b) in (("new_first", (new[k], old[k])), ("new_second", (old[k], new[k]))):
             items.append([{"role": "system", "content": JUDGE_SYSTEM},
                           {"role": "user", "content": JUDGE_PROMPT.format(bio=p["bio"], task=p["task"], a=a, b=b)}])
-            keys.append((k[0], k[1], order))
+            keys.append((*k, order))
 
     def make(_, chunk, chunk_keys):
         texts = judge.generate(chunk, max_new_tokens=args.judge_max_tokens, temperature=0.0, batch_size=args.batch_size)
-        records = [{"task_id": k[0], "persona_id": k[1], "order": k[2], "judge": judge.name, "output": text,
-                    "verdict": parse_verdict(text), "truncated": c}
+        records = [{"task_id": k[0], "persona_id": k[1], "conv_id": k[2], "order": k[3], "judge": judge.name,
+                    "output": text, "verdict": parse_verdict(text), "truncated": c}
                    for k, text, c in zip(chunk_keys, texts, truncated(judge, chunk, args.judge_max_tokens))]
         if judge_lm is not None:  # a local judge: read the verdict off its next-token likelihoods
             ends = [f"{r['output']}\n\nVerdict: {x}" for r in records for x in "AB"]
@@ -251,14 +274,45 @@ def judge_both_orders(judge, judge_lm, by_pair, new: dict, old: dict, args, path
                 if r["verdict"] is None:
                     r["verdict"], r["verdict_source"] = "A" if a > b else "B" if b > a else None, "likelihood"
         return records
-    return resumable(path, "judgment", items, keys, 2 * args.chunk_pairs, f"{path.parent.name} {path.name}", make)
+    return as_asked(path, "judgment", keys, resumable(path, "judgment", items, keys, 2 * args.chunk_pairs,
+                                                      f"{path.parent.name} {path.name}", make))
 
 
-def outcomes(judgments) -> list[str]:
-    """Per pair, sorted: agreement of the two orders is a win or a loss, disagreement a tie (report.pair_outcome)."""
-    verdicts = {(r["task_id"], r["persona_id"], r["order"]): r["verdict"] for r in judgments}
-    return [pair_outcome(verdicts[(*k, "new_first")], verdicts[(*k, "new_second")])
-            for k in sorted({(r["task_id"], r["persona_id"]) for r in judgments})]
+def outcomes(judgments) -> dict:
+    """(task_id, persona_id, conv_id) -> outcome, sorted: agreement of the two orders is a win or a loss,
+    disagreement a tie (report.pair_outcome)."""
+    verdicts = {(r["task_id"], r["persona_id"], r["conv_id"], r["order"]): r["verdict"] for r in judgments}
+    return {k: pair_outcome(verdicts[(*k, "new_first")], verdicts[(*k, "new_second")])
+            for k in sorted({(r["task_id"], r["persona_id"], r["conv_id"]) for r in judgments})}
+
+
+def judged_win_rate(judgments, args) -> dict:
+    """report.win_rate of the comparisons, its interval resampling the tasks, then their pairs (then the pair's
+    conversations, when each was judged)."""
+    judged = outcomes(judgments)
+    return win_rate(list(judged.values()), args.n_bootstrap, args.seed, clusters=[k[:-1] for k in judged])
+
+
+def side_by_side(results, by_pair, n: int) -> list[dict]:
+    """What changed, for the report: the first n test pairs by id (a fixed rule, never picked by hand), with the
+    baseline's and the last model's conversation 0 and final answer after it, and the Judge's verdicts on the two
+    answers. results: model name -> its records, the baseline first."""
+    names = list(results)
+    if len(names) < 2:
+        return []
+    base, last = names[0], names[-1]
+    shown = []
+    for k in sorted(by_pair)[:n]:
+        first = (*k, 0)
+        models = {name: {"messages": next(c["messages"] for c in results[name]["conversations"]
+                                          if record_key("conversation", c) == first),
+                         "answer": answer_texts(results[name]["answers"])[first]} for name in (base, last)}
+        judged = {r["order"]: r for r in results[last]["judgments"] if record_key("judgment", r)[:3] == first}
+        shown.append({"task_id": k[0], "persona_id": k[1], "task": by_pair[k]["task"], "bio": by_pair[k]["bio"],
+                      "models": models, "verdicts": {o: judged[o]["verdict"] for o in ("new_first", "new_second")},
+                      "judge_outputs": {o: judged[o]["output"] for o in ("new_first", "new_second")},
+                      "outcome": pair_outcome(judged["new_first"]["verdict"], judged["new_second"]["verdict"])})
+    return shown
 
 
 def metrics(args, by_pair, models, results, control_scores, judge_name, world) -> dict:
@@ -272,6 +326,7 @@ def metrics(args, by_pair, models, results, control_scores, judge_name, world) -
     measured = {"run_dir": args.run_dir, "seed": args.seed, "provenance": provenance(),
                 "questioner": models[0][1], "named_models": bool(args.models), "roleplayer": args.roleplayer,
                 "judge": judge_name, "test_pairs": len(by_pair), "n_conversations": args.n_conversations,
+                "judged_per_pair": args.n_conversations if args.judge_all_conversations else 1,
                 "target": json.loads(select_args.read_text())["target"] if select_args.exists() else None,
                 "controls": {name: sum(c["logprob"] for c in control_scores if c["control"] == name) / len(by_pair)
                              for name in ("no_conversation", "persona_in_context", "other_persona")},
@@ -289,14 +344,15 @@ def metrics(args, by_pair, models, results, control_scores, judge_name, world) -
             hits = [h for c in files["conversations"]
                     for h in world.hits(c["messages"], by_pair[(c["task_id"], c["persona_id"])]["task"])]
             m["diagnostics"]["attribute_hit_rate"] = sum(hits) / max(1, len(hits))
-        first = {(c["task_id"], c["persona_id"]): c["messages"] for c in files["conversations"] if c["conv_id"] == 0}
-        m["answers"] = answer_diagnostics(answer_texts(files["answers"]), first, by_pair, world)
+        dialogues = {record_key("conversation", c): c["messages"] for c in files["conversations"]}
+        m["answers"] = answer_diagnostics(answer_texts(files["answers"]), dialogues, by_pair, world)
         if t > 0:
-            m["answers_m0"] = answer_diagnostics(answer_texts(files["answers_m0"]), first, by_pair, world)
+            m["answers_m0"] = answer_diagnostics(answer_texts(files["answers_m0"]), dialogues, by_pair, world)
             m["gain_over_m0"] = paired(means, m0_means, args.n_bootstrap)
-            m["win_rate"] = win_rate(outcomes(files["judgments"]), args.n_bootstrap, args.seed)
-            m["asks_only"] = win_rate(outcomes(files["judgments_asks_only"]), args.n_bootstrap, args.seed)
+            m["win_rate"] = judged_win_rate(files["judgments"], args)
+            m["asks_only"] = judged_win_rate(files["judgments_asks_only"], args)
         measured["models"][name] = m
+    measured["examples"] = side_by_side(results, by_pair, args.n_examples)
     # How many records of each output file come from a prompt cut to fit the context.
     written = {"controls.jsonl": control_scores} | {f"{model}/{name}.jsonl": records for model, files in results.items()
                                                      for name, records in files.items()}
@@ -344,17 +400,17 @@ def main():
     base = pool.chat(models[0][1], questioner=True)
 
     # 1-3. Each model converses with the Roleplayer on every test pair, is scored, and answers after its first
-    # conversation; from m1 on, m0 answers after it too ("m_t asks, m0 answers": in the questions or the answer?).
+    # conversation (or each); from m1 on, m0 answers after it too ("m_t asks, m0 answers": questions or answer?).
     results = {}
     for t, (name, spec, adapter) in enumerate(models):
         folder = out / name
         questioner = pool.chat(spec, adapter=adapter, questioner=True)
         convs, scores = simulate_and_score(questioner, roleplayer, scorer, pairs, by_pair, args, sim_args, t, folder)
-        first = [c for c in convs if c["conv_id"] == 0]
+        answered = [c for c in convs if args.judge_all_conversations or c["conv_id"] == 0]
         results[name] = {"conversations": convs, "scores": scores,
-                         "answers": final_answers(questioner, by_pair, first, args, folder / "answers.jsonl")}
+                         "answers": final_answers(questioner, by_pair, answered, args, folder / "answers.jsonl")}
         if t > 0:
-            results[name]["answers_m0"] = final_answers(base, by_pair, first, args, folder / "answers_m0.jsonl")
+            results[name]["answers_m0"] = final_answers(base, by_pair, answered, args, folder / "answers_m0.jsonl")
     baseline = results[models[0][0]]
     control_scores = controls(scorer, by_pair, baseline["conversations"], args, out / "controls.jsonl")
 

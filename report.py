@@ -30,6 +30,38 @@ def bootstrap_ci(values: list[float], n_boot: int = 2000, seed: int = 0, level: 
     return [lo, hi]
 
 
+def cluster_bootstrap_ci(values: list[float], clusters: list[tuple], n_boot: int = 2000, seed: int = 0,
+                         level: float = 0.95):
+    """Percentile bootstrap interval of the mean of items that come in nested clusters, outermost first.
+
+    Test pairs are tasks x personas, so two pairs of one task are not independent draws: clusters[i] = (task_id,)
+    resamples the tasks with replacement, then within each drawn task its pairs (a two-stage bootstrap); with
+    several judged conversations per pair, clusters[i] = (task_id, persona_id) goes on to the conversations.
+    Wider than bootstrap_ci when the items of a cluster resemble each other, as it should be."""
+    if not values:
+        return [None, None]
+    tree = {}  # cluster key -> sub-clusters ... -> the items' values
+    for value, path in zip(values, clusters):
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node.setdefault(path[-1], []).append(float(value))
+
+    def as_lists(node):
+        return [as_lists(child) for child in node.values()] if isinstance(node, dict) else node
+
+    def draw(node, rng) -> tuple[float, int]:  # (sum, count) of one resample of this cluster's items
+        picks = [node[rng.randrange(len(node))] for _ in node]
+        if not isinstance(picks[0], list):
+            return sum(picks), len(picks)
+        drawn = [draw(child, rng) for child in picks]
+        return sum(s for s, _ in drawn), sum(n for _, n in drawn)
+
+    root, rng = as_lists(tree), random.Random(seed)
+    means = sorted(s / n for s, n in (draw(root, rng) for _ in range(n_boot)))
+    return [means[int((1 - level) / 2 * n_boot)], means[min(n_boot - 1, int((1 + level) / 2 * n_boot))]]
+
+
 def pair_outcome(verdict_new_first: str | None, verdict_new_second: str | None) -> float | None:
     """One comparison judged in both orders. Order 1 shows the new model's answer as A, order 2 as B.
 
@@ -42,14 +74,19 @@ def pair_outcome(verdict_new_first: str | None, verdict_new_second: str | None) 
     return 1.0 if all(new_wins) else 0.0 if not any(new_wins) else 0.5
 
 
-def win_rate(outcomes: list[float | None], n_boot: int = 2000, seed: int = 0) -> dict:
-    """Win rate in % (ties count half), its 95% bootstrap interval, and the judge's order consistency."""
+def win_rate(outcomes: list[float | None], n_boot: int = 2000, seed: int = 0,
+             clusters: list[tuple] | None = None) -> dict:
+    """Win rate in % (ties count half), its 95% bootstrap interval over the comparisons (ci95), and the judge's
+    order consistency. With each comparison's clusters (cluster_bootstrap_ci) also the interval that resamples
+    those (ci95_cluster), the one that fits a design of tasks x personas."""
     scored = [o for o in outcomes if o is not None]
+    cluster = {} if clusters is None else {"ci95_cluster": cluster_bootstrap_ci(
+        [100 * o for o in scored], [c for o, c in zip(outcomes, clusters) if o is not None], n_boot, seed)}
     if not scored:
-        return {"win_rate": None, "ci95": [None, None], "n": 0, "unparseable": len(outcomes),
+        return {"win_rate": None, "ci95": [None, None], **cluster, "n": 0, "unparseable": len(outcomes),
                 "order_consistency": None, "wins": 0, "losses": 0, "ties": 0}
     ci = bootstrap_ci([100 * o for o in scored], n_boot, seed)
-    return {"win_rate": 100 * sum(scored) / len(scored), "ci95": ci, "n": len(scored),
+    return {"win_rate": 100 * sum(scored) / len(scored), "ci95": ci, **cluster, "n": len(scored),
             "unparseable": len(outcomes) - len(scored),
             "order_consistency": sum(o != 0.5 for o in scored) / len(scored),
             "wins": sum(o == 1.0 for o in scored), "losses": sum(o == 0.0 for o in scored),
@@ -88,6 +125,51 @@ def paper(measure: str, name: str) -> float | None:
     return PAPER[measure].get(model_index(name))
 
 
+def design_ci(measure: dict) -> list:
+    """The 95% interval that fits the design, resampling tasks and then their pairs (cluster_bootstrap_ci); an older
+    metrics.json has only the interval over pairs (use fmt_design_ci to show which)."""
+    return measure.get("ci95_cluster", measure["ci95"])
+
+
+def fmt_design_ci(measure: dict, digits=1) -> str:
+    return fmt_ci(design_ci(measure), digits) + ("" if "ci95_cluster" in measure else " (pairs)")
+
+
+def cell(text: str) -> str:
+    """Text for one cell of a markdown table: no column breaks, line breaks as <br>."""
+    return text.strip().replace("|", "\\|").replace("\n", "<br>") or "(empty)"
+
+
+OUTCOME = {1.0: "wins", 0.5: "ties", 0.0: "loses", None: "unparseable"}
+
+
+def examples_section(metrics: dict) -> list[str]:
+    """The report's side-by-side examples (05_eval.side_by_side): per test pair, the two models' conversation 0 turn
+    by turn, their final answers, and the Judge's verdicts on them."""
+    if not metrics.get("examples"):
+        return []
+    old, new = list(metrics["examples"][0]["models"])
+    lines = ["", f"## What changed: {old} and {new} side by side", "",
+             f"The first {len(metrics['examples'])} test pairs by id (task_id, then persona_id), never picked by hand: "
+             f"conversation 0 of each model, its final answer after it, and the Judge's verdicts ({new}'s answer "
+             f"shown first, then second; a win needs both)."]
+    for e in metrics["examples"]:
+        lines += ["", f"### {e['task_id']} x {e['persona_id']}: {e['task']}", "", f"Persona: {e['bio']}", "",
+                  f"| | {old} | {new} |", "|---|---|---|"]
+        dialogues = [e["models"][m]["messages"] for m in (old, new)]
+        for i in range(max(len(d) for d in dialogues)):
+            said = [d[i] if i < len(d) else None for d in dialogues]
+            role = next(m["role"] for m in said if m)
+            who = f"Questioner, turn {i // 2 + 1}" if role == "assistant" else "Roleplayer"
+            lines.append(f"| {who} | " + " | ".join(cell(m["content"]) if m else "" for m in said) + " |")
+        lines.append("| final answer | " + " | ".join(cell(e["models"][m]["answer"]) for m in (old, new)) + " |")
+        first, second = (e["verdicts"][o] or "none" for o in ("new_first", "new_second"))
+        lines += ["", f"Judge: {first} with {new}'s answer shown as A, {second} with it shown as B: "
+                      f"**{new} {OUTCOME[e['outcome']]}**. Its words, {new}'s answer as A: "
+                      f"\"{cell(e['judge_outputs']['new_first'])}\""]
+    return lines
+
+
 def write_report(folder: Path, metrics: dict, ablations: dict[str, dict]):
     """report.md (our numbers beside the paper's) and two PNG plots, in `folder`."""
     models = list(metrics["models"])  # their names, the baseline m0 first
@@ -97,17 +179,20 @@ def write_report(folder: Path, metrics: dict, ablations: dict[str, dict]):
     else:
         asking = f"Questioner {metrics['questioner']}"
     lines = [f"# STaR-GATE evaluation: {metrics['run_dir']}", "",
-             f"{metrics['test_pairs']} test pairs x {metrics['n_conversations']} conversations per model; "
+             f"{metrics['test_pairs']} test pairs x {metrics['n_conversations']} conversations per model, the final "
+             f"answers after {metrics.get('judged_per_pair', 1)} of them per pair judged; "
              f"{asking}, Roleplayer {metrics['roleplayer']}, Judge {metrics['judge']}.",
              "Columns marked *paper* are the paper's published numbers (Mistral-7B, GPT-4 judge), not ours.", "",
              "## Win rate against m0 (each comparison judged in both orders; disagreement = tie)", "",
-             "| model | win rate % | 95% CI | wins / ties / losses | unparseable | order consistency "
-             "| m_t asks, m0 answers % | *paper* |", "|---|---|---|---|---|---|---|---|"]
+             "95% intervals: tasks resampled, then pairs within them (cluster bootstrap), and pairs alone.", "",
+             "| model | win rate % | 95% CI | 95% CI, pairs alone | wins / ties / losses | unparseable "
+             "| order consistency | m_t asks, m0 answers % | *paper* |", "|---|---|---|---|---|---|---|---|---|"]
     for model in models[1:]:
         m = metrics["models"][model]
         w, a = m["win_rate"], m["asks_only"]
-        lines.append(f"| {model} | {fmt(w['win_rate'])} | {fmt_ci(w['ci95'])} | {w['wins']} / {w['ties']} / {w['losses']} "
-                     f"| {w['unparseable']} | {fmt(w['order_consistency'], 2)} | {fmt(a['win_rate'])} {fmt_ci(a['ci95'])} "
+        lines.append(f"| {model} | {fmt(w['win_rate'])} | {fmt_design_ci(w)} | {fmt_ci(w['ci95'])} "
+                     f"| {w['wins']} / {w['ties']} / {w['losses']} | {w['unparseable']} "
+                     f"| {fmt(w['order_consistency'], 2)} | {fmt(a['win_rate'])} {fmt_design_ci(a)} "
                      f"| *{fmt(paper('win_rate', model))}* |")
     scripted = str(metrics["judge"]).startswith("scripted:")
     lines += ["", "Order consistency: the share of pairs decided alike in both orders (a win or a loss); a tie lowers "
@@ -115,13 +200,14 @@ def write_report(folder: Path, metrics: dict, ablations: dict[str, dict]):
               + (". The scripted Judge never depends on the order: all its ties are answers it scores equal." if scripted
                  else "."),
               "", "## Gold-response log-prob (summed, scored by Q_BASE)", "",
-              "| model | mean of N | best of N | m_t - m0 (per pair, mean of N) | 95% CI | *paper mean* | *paper best* |",
-              "|---|---|---|---|---|---|---|"]
+              "| model | mean of N | best of N | m_t - m0 (per pair, mean of N) | 95% CI (tasks, then pairs) "
+              "| 95% CI, pairs alone | *paper mean* | *paper best* |", "|---|---|---|---|---|---|---|---|"]
     for model in models:
         m = metrics["models"][model]
         d = m.get("gain_over_m0", {})
         lines.append(f"| {model} | {fmt(m['logprob_mean'])} | {fmt(m['logprob_best'])} | {fmt(d.get('mean'), 2)} "
-                     f"| {fmt_ci(d.get('ci95', [None, None]), 2)} | *{fmt(paper('logprob_mean', model))}* "
+                     f"| {fmt_design_ci(d, 2) if d else '-'} | {fmt_ci(d.get('ci95', [None, None]), 2)} "
+                     f"| *{fmt(paper('logprob_mean', model))}* "
                      f"| *{fmt(paper('logprob_best', model))}* |")
     c = metrics["controls"]
     lines += ["", "| control (m0) | ours | *paper* |", "|---|---|---|"]
@@ -178,15 +264,16 @@ def write_report(folder: Path, metrics: dict, ablations: dict[str, dict]):
         for name, other in runs.items():
             target = other.get("target", name)
             found = [other["models"].get(m, {}) for m in later]
-            wins = [f"{fmt(m['win_rate']['win_rate'])} {fmt_ci(m['win_rate']['ci95'])}" if "win_rate" in m else "-"
+            wins = [f"{fmt(m['win_rate']['win_rate'])} {fmt_design_ci(m['win_rate'])}" if "win_rate" in m else "-"
                     for m in found]
             answers = [f"{pct(m['answers']['no_answer'])} / {pct(m['answers'].get('hallucinated'))}"
                        if "answers" in m else "-" for m in found]
-            gains = [f"{fmt(m['gain_over_m0']['mean'], 2)} {fmt_ci(m['gain_over_m0']['ci95'], 2)}"
+            gains = [f"{fmt(m['gain_over_m0']['mean'], 2)} {fmt_design_ci(m['gain_over_m0'], 2)}"
                      if "gain_over_m0" in m else "-" for m in found]
             rates = PAPER["win_rate"] if target == "own" else PAPER["ablations"].get(target, {})
             numbers = ", ".join(fmt(rates.get(model_index(model))) for model in models[1:])
             lines.append(f"| {name} (target {target}) | " + " | ".join(wins + gains + answers) + f" | *{numbers}* |")
+    lines += examples_section(metrics)
     lines += ["", "![win rate](winrate.png)", "", "![gold log-prob](logprob.png)", ""]
     (folder / "report.md").write_text("\n".join(lines))
     plot(folder, metrics, models)
@@ -202,8 +289,9 @@ def plot(folder: Path, metrics: dict, models: list[str]):
     ts = list(range(1, len(models)))  # positions, labelled with the models' names
     rates = [metrics["models"][model]["win_rate"] for model in models[1:]]
     ys = [r["win_rate"] if r["win_rate"] is not None else float("nan") for r in rates]
-    err = [[y - r["ci95"][0] if r["ci95"][0] is not None else 0 for y, r in zip(ys, rates)],
-           [r["ci95"][1] - y if r["ci95"][1] is not None else 0 for y, r in zip(ys, rates)]]
+    cis = [design_ci(r) for r in rates]
+    err = [[y - ci[0] if ci[0] is not None else 0 for y, ci in zip(ys, cis)],
+           [ci[1] - y if ci[1] is not None else 0 for y, ci in zip(ys, cis)]]
     ax.errorbar(ts, ys, yerr=err, marker="o", capsize=4, label="ours (95% CI)")
     ax.plot(ts, [paper("win_rate", model) or float("nan") for model in models[1:]], "s--", color="gray", label="paper")
     ax.axhline(50, color="black", lw=0.8)
@@ -273,9 +361,9 @@ def results_table(runs: list[str]) -> str:
                                     for d in (m0["diagnostics"], q))
             per_model.setdefault(name, []).append((w, asks, gain))
             lines.append(
-                f"| {run} | {metrics.get('seed', '-')} | {name} | {fmt(w['win_rate'])} {fmt_ci(w['ci95'])} "
+                f"| {run} | {metrics.get('seed', '-')} | {name} | {fmt(w['win_rate'])} {fmt_design_ci(w)} "
                 f"| {w['wins']} / {w['ties']} / {w['losses']} | {fmt(asks['win_rate'])} "
-                f"| {fmt(gain['mean'], 2)} {fmt_ci(gain['ci95'], 2)} | {questions} | {pct(a.get('no_answer'))} "
+                f"| {fmt(gain['mean'], 2)} {fmt_design_ci(gain, 2)} | {questions} | {pct(a.get('no_answer'))} "
                 f"| {pct(m0['answers'].get('revealed_used'))} -> {pct(a.get('revealed_used'))} "
                 f"| {pct(a.get('hallucinated'))} | *{fmt(paper('win_rate', name))}* |")
         for target in ("gold", "none"):
@@ -288,7 +376,7 @@ def results_table(runs: list[str]) -> str:
                 a, w, gain = m.get("answers", {}), m["win_rate"], m["gain_over_m0"]
                 ablation_lines.append(
                     f"| {run}-{target} | {other.get('seed', '-')} | {target} | {name} | {fmt(w['win_rate'])} "
-                    f"{fmt_ci(w['ci95'])} | {fmt(gain['mean'], 2)} {fmt_ci(gain['ci95'], 2)} "
+                    f"{fmt_design_ci(w)} | {fmt(gain['mean'], 2)} {fmt_design_ci(gain, 2)} "
                     f"| {pct(a.get('no_answer'))} | {pct(a.get('hallucinated'))} "
                     f"| *{fmt(PAPER['ablations'][target].get(model_index(name)))}* |")
     if len(found) > 1:
@@ -297,8 +385,12 @@ def results_table(runs: list[str]) -> str:
             asks, _ = across_seeds([asks["win_rate"] for _, asks, _ in rows])
             gain, gain_ci = across_seeds([gain["mean"] for _, _, gain in rows])
             tally = " / ".join(str(sum(w[key] for w, _, _ in rows)) for key in ("wins", "ties", "losses"))
-            lines.append(f"| mean of {len(rows)} runs | - | {name} | {fmt(win)} {fmt_ci(win_ci)} | {tally} "
-                         f"| {fmt(asks)} | {fmt(gain, 2)} {fmt_ci(gain_ci, 2)} | | | | "
+            # How many runs show the effect on their own: each run's interval (tasks, then pairs) above no effect.
+            wins_clear = sum((design_ci(w)[0] or 0) > 50 for w, _, _ in rows)
+            gains_clear = sum((design_ci(g)[0] or 0) > 0 for _, _, g in rows)
+            lines.append(f"| mean of {len(rows)} runs | - | {name} | {fmt(win)} {fmt_ci(win_ci)}; "
+                         f"{wins_clear} of {len(rows)} above 50 | {tally} | {fmt(asks)} | {fmt(gain, 2)} "
+                         f"{fmt_ci(gain_ci, 2)}; {gains_clear} of {len(rows)} above 0 | | | | "
                          f"| *{fmt(paper('win_rate', name))}* |")
     if ablation_lines:
         lines += ["", "| run | seed | trained on | model | win rate vs m0 % [95% CI] | gold log-prob m_t - m0 [95% CI] "
@@ -307,8 +399,10 @@ def results_table(runs: list[str]) -> str:
     stamps = sorted({(m["provenance"]["commit"] + ("+changes" if m["provenance"]["uncommitted_changes"] else ""),
                       m["provenance"]["machine"], m["provenance"]["date"]) for _, m in found if "provenance" in m})
     lines += ["", "Generated by `python report.py " + " ".join(runs) + "` from the runs' metrics.json; "
-              + "; ".join(f"commit {c}, {machine}, {date}" for c, machine, date in stamps) + ". Mean of runs: "
-              "over seeds, with a 95% t-interval across them (tallies summed)."]
+              + "; ".join(f"commit {c}, {machine}, {date}" for c, machine, date in stamps) + ". A run's 95% "
+              "intervals resample its test tasks, then the pairs within them (a cluster bootstrap; \"(pairs)\": an "
+              "older run's, over pairs alone). Mean of runs: over seeds, with a 95% t-interval across them (tallies "
+              "summed), and how many runs' own intervals lie above no effect (50%; 0 nats)."]
     return "\n".join(lines) + "\n"
 
 

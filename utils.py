@@ -185,7 +185,7 @@ SCHEMAS = {
     "sft": {"task_id": str, "persona_id": str, "conv_id": int, "iteration": int, "messages": list},
     "answer": {"task_id": str, "persona_id": str, "conv_id": int, "answer": str},
     "control": {"task_id": str, "persona_id": str, "control": str, "logprob": float},
-    "judgment": {"task_id": str, "persona_id": str, "order": str, "judge": str, "output": str},
+    "judgment": {"task_id": str, "persona_id": str, "conv_id": int, "order": str, "judge": str, "output": str},
 }
 KEYS = {
     "task": ("task_id",),
@@ -196,7 +196,7 @@ KEYS = {
     "sft": ("task_id", "persona_id", "conv_id"),
     "answer": ("task_id", "persona_id", "conv_id"),
     "control": ("task_id", "persona_id", "control"),
-    "judgment": ("task_id", "persona_id", "order"),
+    "judgment": ("task_id", "persona_id", "conv_id", "order"),
 }
 
 

@@ -163,7 +163,8 @@ def test_evaluation_writes_metrics_report_and_plots(smoke):
         m = metrics["models"][f"m{t}"]
         w = m["win_rate"]
         assert w["n"] + w["unparseable"] == 3 and w["wins"] + w["ties"] + w["losses"] == w["n"]
-        assert len(read_jsonl(run / "eval" / f"m{t}" / "judgments.jsonl", "judgment")) == 6  # both orders
+        judgments = read_jsonl(run / "eval" / f"m{t}" / "judgments.jsonl", "judgment")
+        assert len(judgments) == 6 and {j["conv_id"] for j in judgments} == {0}  # both orders, conversation 0
         assert m["gain_over_m0"]["n"] == 3 and "asks_only" in m
     assert set(metrics["controls"]) == {"no_conversation", "persona_in_context", "other_persona"}
     report = (run / "eval" / "report.md").read_text()
@@ -205,15 +206,15 @@ def test_report_puts_ablations_beside_the_main_run(smoke, tmp_path):
     metrics = json.loads((smoke[0] / "eval" / "metrics.json").read_text())
     ablation = dict(metrics, target="gold")
     ablation["models"] = dict(metrics["models"], m1=dict(metrics["models"]["m1"], gain_over_m0={
-        "mean": 1.234, "ci95": [0.5, 2.0]}))  # a gain of its own, so its row must show it, not the main run's
+        "mean": 1.234, "ci95": [0.5, 2.0], "ci95_cluster": [0.4, 2.1]}))  # its own gain: its row must show it
     write_report(tmp_path, metrics, {"run-gold": ablation})
     report = (tmp_path / "report.md").read_text()
     assert "## Ablations" in report and "*44.1, 51.8*" in report
     main_row = next(line for line in report.splitlines() if line.startswith(f"| {smoke[0].name} (target own) |"))
     gold_row = next(line for line in report.splitlines() if line.startswith("| run-gold (target gold) |"))
-    assert "| 1.23 [0.50, 2.00] |" in gold_row
+    assert "| 1.23 [0.40, 2.10] |" in gold_row  # the interval resampling tasks, then pairs
     gain = metrics["models"]["m1"]["gain_over_m0"]
-    assert f"| {gain['mean']:.2f} [{gain['ci95'][0]:.2f}, {gain['ci95'][1]:.2f}] |" in main_row
+    assert f"| {gain['mean']:.2f} [{gain['ci95_cluster'][0]:.2f}, {gain['ci95_cluster'][1]:.2f}] |" in main_row
 
 
 def test_a_second_run_recomputes_nothing(smoke):

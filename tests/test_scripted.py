@@ -178,10 +178,66 @@ def test_toy_data_step_with_the_scripted_oracle(tmp_path, model_cache):
     assert "0 of 14 gold responses flagged" in done.stdout
 
 
+def test_stratified_splits_give_every_test_task_training_tasks_of_its_family():
+    """--stratify_by attributes (01_generate.stratified): every family of toy tasks (its pair of attributes) is
+    spread over A, B and test in proportion; one plain shuffle leaves test tasks whose family is never trained on."""
+    import collections
+    import importlib
+    import random
+
+    generate = importlib.import_module("01_generate")
+    source = str(REPO / "data" / "toy" / "tasks.jsonl")
+    texts, family = generate.load_task_texts(source), generate.task_families(source, "attributes")
+    assert len(set(family.values())) == 12
+
+    def splits(n_tasks, seed, stratify):
+        shuffled, rng = list(texts), random.Random(seed)
+        rng.shuffle(shuffled)
+        if stratify:
+            shuffled = generate.stratified(shuffled, family, n_tasks, rng)
+        cuts = [sum(n_tasks[:i]) for i in range(4)]
+        return [collections.Counter(family[t] for t in shuffled[a:b]) for a, b in zip(cuts, cuts[1:])]
+
+    def unseen(a, b, test):  # test tasks with no task of their family in A or none in B
+        return sum(n for f, n in test.items() if not a[f] or not b[f])
+
+    for seed in range(5):
+        a, b, test = splits([24, 24, 24], seed, stratify=True)  # the toy preset's sizes
+        assert all(a[f] == b[f] == test[f] == 2 for f in set(family.values()))
+        assert unseen(*splits([36, 18, 18], seed, stratify=True)) == 0
+        assert [sum(c.values()) for c in splits([8, 8, 8], seed, stratify=True)] == [8, 8, 8]
+    assert max(unseen(*splits([24, 24, 24], seed, stratify=False)) for seed in range(5)) > 0
+
+
+def test_the_data_step_stratifies_by_a_field_of_the_task_file(tmp_path):
+    def generate(run, tasks, n_tasks):
+        return subprocess.run([sys.executable, "01_generate.py", "--run_dir", str(run), "--oracle", "scripted:data/toy",
+                               "--tasks", str(tasks), "--n_tasks", *n_tasks, "--n_personas", "1", "1", "1",
+                               "--stratify_by", "attributes", "--cache_dir", str(tmp_path / "cache")], cwd=REPO,
+                              capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+
+    done = generate(tmp_path / "run", "data/toy/tasks.jsonl", ["24", "24", "24"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    family = {t["text"]: tuple(t["attributes"]) for t in read_jsonl(REPO / "data" / "toy" / "tasks.jsonl")}
+    written = read_jsonl(tmp_path / "run" / "data" / "tasks.jsonl", "task")
+    for split in ("A", "B", "test"):
+        counts = {f: sum(family[t["text"]] == f and t["split"] == split for t in written) for f in set(family.values())}
+        assert set(counts.values()) == {2}
+    args = json.loads((tmp_path / "run" / "data" / "args_01_generate.json").read_text())
+    assert args["stratify_by"] == "attributes"
+    # A record without the field: one error line naming the file and line, nothing written.
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text('{"text": "Plan a trip.", "attributes": ["city", "budget"]}\n{"text": "Cook something."}\n')
+    done = generate(tmp_path / "bad", tasks, ["1", "0", "1"])
+    assert done.returncode == 2 and f"error: {tasks}:2: no field 'attributes'" in done.stderr
+    assert not (tmp_path / "bad").exists()
+
+
 def test_toy_evaluation_judges_answers_and_reports_what_they_used(tmp_path, model_cache, trained):
-    """05_eval.py in the toy world (scripted Roleplayer and Judge), with conftest's adapter as m1: every test
-    pair is judged in both orders by the toy Judge, and metrics.json and the report carry the answers' use
-    of what was revealed."""
+    """05_eval.py in the toy world (scripted Roleplayer and Judge), with conftest's adapter as m1 and
+    --judge_all_conversations: the answer after every test conversation is judged in both orders by the toy Judge,
+    metrics.json and the report carry the answers' use of what was revealed, and the report shows the first test
+    pairs by id side by side."""
     run, cache = tmp_path / "run", tmp_path / "cache"
     cache.mkdir()
     (cache / "SmolLM2-135M-Instruct").symlink_to((model_cache / "SmolLM2-135M-Instruct").resolve())
@@ -192,16 +248,21 @@ def test_toy_evaluation_judges_answers_and_reports_what_they_used(tmp_path, mode
                           cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     shutil.copytree(trained[0] / "adapter", run / "iter0" / "adapter")
-    done = subprocess.run([sys.executable, "05_eval.py", *common, "--iterations", "1", "--questioner", "embedded",
-                           "--roleplayer", "scripted:data/toy", "--judge", "scripted:data/toy", "--n_conversations", "1",
-                           "--test_pairs", "4", "--question_max_tokens", "12", "--final_max_tokens", "16"],
-                          cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
+    command = [sys.executable, "05_eval.py", *common, "--iterations", "1", "--questioner", "embedded",
+                           "--roleplayer", "scripted:data/toy", "--judge", "scripted:data/toy", "--n_conversations", "2",
+                           "--test_pairs", "4", "--question_max_tokens", "12", "--final_max_tokens", "16",
+                           "--judge_all_conversations"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     m1 = metrics["models"]["m1"]
-    assert m1["win_rate"]["n"] == 4 and m1["win_rate"]["unparseable"] == 0
+    assert m1["win_rate"]["n"] == 8 and m1["win_rate"]["unparseable"] == 0  # 4 pairs x 2 conversations
+    assert metrics["judged_per_pair"] == 2 and len(m1["win_rate"]["ci95_cluster"]) == 2
     judgments = read_jsonl(run / "eval" / "m1" / "judgments.jsonl", "judgment")
-    assert len(judgments) == 8 and all(j["output"].startswith("Response A scores") for j in judgments)
+    assert len(judgments) == 16 and all(j["output"].startswith("Response A scores") for j in judgments)
+    assert {j["conv_id"] for j in judgments} == {0, 1}
+    for name in ("m0/answers.jsonl", "m1/answers.jsonl", "m1/answers_m0.jsonl"):
+        assert len(read_jsonl(run / "eval" / name, "answer")) == 8
     for name in ("m0", "m1"):
         answers = metrics["models"][name]["answers"]
         assert 0 <= answers["no_answer"] <= 1 and 0 <= answers["hallucinated"] <= 1
@@ -211,3 +272,16 @@ def test_toy_evaluation_judges_answers_and_reports_what_they_used(tmp_path, mode
     report = (run / "eval" / "report.md").read_text()
     assert "## Final answers" in report and "values never told" in report
     assert "The scripted Judge never depends on the order" in report  # why its order consistency is low
+    # What changed, side by side: the first 3 test pairs by id, m0's and m1's conversation 0, answers, verdicts.
+    assert "## What changed: m0 and m1 side by side" in report and "The first 3 test pairs by id" in report
+    pairs = sorted({(j["task_id"], j["persona_id"]) for j in judgments})
+    shown = [line for line in report.splitlines() if line.startswith("### ")]
+    assert [line.split(":")[0] for line in shown] == [f"### {t} x {p}" for t, p in pairs[:3]]
+    answers = {(a["task_id"], a["persona_id"], a["conv_id"]): a["answer"]
+               for a in read_jsonl(run / "eval" / "m1" / "answers.jsonl", "answer")}
+    section = report.split(shown[0])[1].split("### ")[0]
+    assert answers[(*pairs[0], 0)].replace("\n", "<br>").replace("|", "\\|") in section
+    assert "| Questioner, turn 1 |" in section and "| final answer |" in section and "with m1's answer shown as A" in section
+    # A rerun that asks for other answers (one per pair) than the evaluation was made with says so, reusing nothing.
+    done = subprocess.run(command[:-1], cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 2 and "--judge_all_conversations True -> False" in done.stderr
