@@ -1,7 +1,8 @@
 """Step 5: evaluate m0 .. mT on held-out test pairs (Sec. 4.3 of the paper), and write the report.
 
 Reads   the run's test pairs (01_generate.py) and the adapters <run_dir>/iter{t}/adapter of m1 .. mT;
-        or, with --models NAME=SPEC ..., the named models instead (then eval/<NAME>/ for eval/m{t}/ below).
+        or, with --models NAME=SPEC ..., the named models instead, the first the baseline (m0 below) and Q_BASE
+        (then eval/<NAME>/ for eval/m{t}/ below).
 Writes  <run_dir>/eval/m{t}/conversations.jsonl  N test conversations per pair with m_t asking
         <run_dir>/eval/m{t}/scores.jsonl         gold log-prob of each (scored by Q_BASE)
         <run_dir>/eval/m{t}/answers.jsonl        m_t's greedy final answer after conversation 0 (after every
@@ -406,6 +407,10 @@ def main():
         folder = out / name
         questioner = pool.chat(spec, adapter=adapter, questioner=True)
         convs, scores = simulate_and_score(questioner, roleplayer, scorer, pairs, by_pair, args, sim_args, t, folder)
+        others = {c["questioner"] for c in convs} - {questioner.name}  # a rerun that gave the name to another model
+        if others:
+            raise StepError(f"{folder}: holds the conversations of {sorted(others)[0]}, not of {questioner.name}; "
+                            "use another --run_dir (or another name)")
         answered = [c for c in convs if args.judge_all_conversations or c["conv_id"] == 0]
         results[name] = {"conversations": convs, "scores": scores,
                          "answers": final_answers(questioner, by_pair, answered, args, folder / "answers.jsonl")}
