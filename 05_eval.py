@@ -407,10 +407,6 @@ def main():
         folder = out / name
         questioner = pool.chat(spec, adapter=adapter, questioner=True)
         convs, scores = simulate_and_score(questioner, roleplayer, scorer, pairs, by_pair, args, sim_args, t, folder)
-        others = {c["questioner"] for c in convs} - {questioner.name}  # a rerun that gave the name to another model
-        if others:
-            raise StepError(f"{folder}: holds the conversations of {sorted(others)[0]}, not of {questioner.name}; "
-                            "use another --run_dir (or another name)")
         answered = [c for c in convs if args.judge_all_conversations or c["conv_id"] == 0]
         results[name] = {"conversations": convs, "scores": scores,
                          "answers": final_answers(questioner, by_pair, answered, args, folder / "answers.jsonl")}

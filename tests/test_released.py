@@ -111,8 +111,8 @@ def test_the_released_path_runs_end_to_end_on_the_fixture(tmp_path, model_cache,
     swapped = subprocess.run([sys.executable, "05_eval.py", "--run_dir", str(run), "--cache_dir", str(cache), "--models",
                               f"m0=hf:{full_weights_m1}", "m1=embedded", "--dtype", "float32"], cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=300)
-    assert swapped.returncode == 2 and f"eval/m0: holds the conversations of embedded, not of hf:{full_weights_m1}" \
-        in swapped.stderr, swapped.stderr[-2000:]
+    assert swapped.returncode == 2 and f"--models ['m0=embedded', 'm1=hf:{full_weights_m1}'] -> " \
+        f"['m0=hf:{full_weights_m1}', 'm1=embedded']" in swapped.stderr, swapped.stderr[-2000:]
 
 
 @pytest.mark.parametrize("models,expected", [
