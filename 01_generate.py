@@ -14,7 +14,7 @@ every pair a test pair with the paper's gold response; no Oracle call. Also writ
 
     python 01_generate.py --run_dir runs/tiny --n_tasks 4 4 3 --n_personas 3 3 3
     python 01_generate.py --run_dir runs/paper --oracle openai:gpt-4 --tasks hf:Dahoas/instruct-human-assistant-prompt
-    python 01_generate.py --run_dir runs/released --from_original <the release's folder, or a URL prefix>
+    python 01_generate.py --run_dir runs/released --from_original /path/to/release  # or a URL prefix
 """
 
 import json

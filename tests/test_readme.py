@@ -87,7 +87,7 @@ def parse_step(script: str, argv: list[str]):
 
 def check_step(script: str, argv: list[str]):
     args = parse_step(script, argv)[0]
-    if script == "01_generate" and not args.tasks.startswith("hf:"):
+    if script == "01_generate" and not args.tasks.startswith("hf:") and not args.from_original:
         available = len([t for t in (REPO / args.tasks).read_text().splitlines() if t.strip()])
         assert sum(args.n_tasks) <= available, f"{argv}: --n_tasks asks for more than {args.tasks}'s {available}"
     return args

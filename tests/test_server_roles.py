@@ -31,8 +31,10 @@ VENDORED_CONVERTER = ROOT / "tests" / "vendor" / "llama.cpp" / "convert_lora_to_
 DUMMY_KEY = "sk-dummy-7d2e-not-a-real-key"
 # |server - local| summed log-prob of a response, per scored token. Measured: at most 0.029 nats per token on
 # the pairs below, 0.020 on the Questioner's full answer_view contexts (~300 prompt tokens; 0.41 nats over 21
-# tokens), from llama.cpp's Q4_1 x Q8_1 dot products against float32 matmuls of the same dequantized weights.
-TOLERANCE_PER_TOKEN = 0.04
+# tokens), from llama.cpp's Q4_1 x Q8_1 dot products against float32 matmuls of the same dequantized weights, on
+# an Intel CPU with AVX-512; 0.052 on the pairs below with llama.cpp built for an AMD CPU with AVX2 only (its
+# dot-product kernels round differently). A wrong prompt or token alignment costs nats per token, not hundredths.
+TOLERANCE_PER_TOKEN = 0.07
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import torch
-from conftest import TRAIN_NAMES, train_prompt
+from conftest import TRAIN_NAMES, train_command, train_prompt
 
 from models import encode_chat, load_local
 
@@ -45,8 +45,8 @@ def test_the_adapter_reloads_changes_the_output_and_reproduces_it(trained, model
 
 
 def test_a_finished_iteration_is_not_trained_again(trained, model_cache):
-    done = subprocess.run([sys.executable, "04_train.py", "--run_dir", str(trained[0].parent), "--iteration", "0",
-                           "--cache_dir", str(model_cache)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(train_command(trained[0].parent, model_cache), cwd=REPO, capture_output=True, text=True,
+                          timeout=300)  # the same settings (other ones would be refused: tests/test_rerun.py)
     assert done.returncode == 0 and "nothing to do" in done.stdout
 
 
