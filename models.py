@@ -690,8 +690,8 @@ class OpenAIChat:
     def one(self, messages, max_new_tokens, temperature, top_p, seed):
         with self.errors(max_new_tokens):
             reply = self.client.chat.completions.create(
-                model=self.model, messages=normalise_messages(messages, self.system_ok), max_tokens=max_new_tokens, temperature=temperature,
-                top_p=top_p, seed=seed)
+                model=self.model, messages=normalise_messages(messages, self.system_ok), max_tokens=max_new_tokens,
+                temperature=temperature, top_p=top_p, seed=seed)
         return reply.choices[0].message.content or ""
 
     @contextlib.contextmanager
