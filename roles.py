@@ -22,15 +22,21 @@ QUESTIONER_SYSTEM = (
     "\"Who will be coming with you?\", \"What did you enjoy about the last one you tried?\""
 )
 
+# Appended to a Roleplayer answer as the Questioner sees it, when a question is to follow.
+NEXT_QUESTION = "(Ask me your next question.)"
+
 # A worked example shown to the Questioner as earlier chat turns, before the real request. Small models
 # imitate turns far more than they follow instructions: with it the embedded model's first turn is a
 # question ~95% of the time, without it ~20% (measured on 24 tasks). These turns are never trained on.
+# Its answers end with NEXT_QUESTION exactly as the dialogue's do (questioner_view): shown only in the
+# dialogue, the toy base model echoed it instead of asking, "What's your next question?" in 42% of its
+# second turns (bench/later_turns.py; 0% with the example in the same format).
 QUESTIONER_EXAMPLES = [
     {"role": "user", "content": "Hi, I'm Sam. Can you recommend a movie for tonight?"},
     {"role": "assistant", "content": "What kinds of movies do you usually enjoy?"},
-    {"role": "user", "content": "Mostly old science-fiction films, the slower the better."},
+    {"role": "user", "content": f"Mostly old science-fiction films, the slower the better.\n\n{NEXT_QUESTION}"},
     {"role": "assistant", "content": "Will you be watching alone or with others?"},
-    {"role": "user", "content": "With my partner, who prefers comedies."},
+    {"role": "user", "content": f"With my partner, who prefers comedies.\n\n{NEXT_QUESTION}"},
     {"role": "assistant", "content": "How long a film do you have time for?"},
     {"role": "user", "content": "Hi, I'm Lee. Help me plan a birthday dinner."},
     {"role": "assistant", "content": "Who is the dinner for, and what food do they like?"},
@@ -42,9 +48,6 @@ ROLEPLAYER_SYSTEM = (
     "Answer each question truthfully as this person, in at most three sentences, with concrete details "
     "from your life. Do not answer the request yourself and do not ask questions back."
 )
-
-# Appended to a Roleplayer answer as the Questioner sees it, when a question is to follow.
-NEXT_QUESTION = "(Ask me your next question.)"
 
 FINAL_ANSWER_PROMPT = (
     "Thanks for the questions. Now please answer my original request, using what I told you about myself: "

@@ -29,6 +29,7 @@ nothing about what to ask (the question rates before and after are in docs/EXPER
 """
 
 import importlib
+import json
 import os
 import random
 import subprocess
@@ -37,10 +38,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from models import ModelPool, load_local
+import roles
 from roles import answer_view, questioner_view, roleplayer_view
 from scripted import mentions
 from utils import (StepError, check_rerun, parse_args, read_jsonl, record_args, run_main, seed_everything,
-                   write_json_atomic, write_jsonl_atomic)
+                   stable_hash, write_json_atomic, write_jsonl_atomic)
 
 # The final answers of the warm-up: a short list of what the user told, then the task's suggestion.
 TOLD_ANSWERS = ["Keeping in mind what you told me ({values}), I suggest {suggestion}.",
@@ -49,6 +51,8 @@ TOLD_ANSWERS = ["Keeping in mind what you told me ({values}), I suggest {suggest
 GENERAL_ANSWERS = ["I suggest {suggestion}.", "My advice is {suggestion}.", "I would recommend {suggestion}."]
 ROOT = Path(__file__).resolve().parent
 cut_at_question = importlib.import_module("02_simulate").cut_at_question  # one question per turn, as in 02
+# The Questioner's view the model is warmed up in: a model warmed up in another view is another model.
+VIEW = stable_hash(roles.QUESTIONER_SYSTEM, roles.QUESTIONER_EXAMPLES, roles.NEXT_QUESTION, roles.FINAL_ANSWER_PROMPT)
 
 
 @dataclass
@@ -134,6 +138,10 @@ def main():
     out, build = Path(args.out), Path(f"{args.out}.build")
     check_rerun(build / "args_toy_base.json", [out, build / "iter0"], args.overwrite, args)
     if (out / "config.json").exists():
+        made_in = json.loads((out / "warmup.json").read_text()).get("view") if (out / "warmup.json").exists() else None
+        if made_in != VIEW:
+            raise StepError(f"{out}: warmed up in another version of the Questioner's view (roles.py's prompts "
+                            "changed since); pass --overwrite to make it again, or use another --out")
         print(f"toy_base: {out} exists; nothing to do")
         return
     tasks = read_jsonl(Path(args.world) / "warmup_tasks.jsonl")
@@ -166,7 +174,7 @@ def main():
     merged.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     write_json_atomic(tmp / "warmup.json", {"args": asdict(args), "records": len(records), "tasks": len(tasks),
-                                            "revealed_0_1_2": revealed, "from": "embedded",
+                                            "revealed_0_1_2": revealed, "from": "embedded", "view": VIEW,
                                             "trained_on": "final answers and its own questions"})
     os.replace(tmp, out)  # atomic: its presence means the model is complete
     print(f"toy_base: {len(records)} warm-up records over {len(tasks)} tasks (revealing 0 / 1 / 2 relevant values: "

@@ -147,11 +147,16 @@ def test_data_and_toy_base_reruns_compare_their_settings(run, tmp_path, monkeypa
     out = tmp_path / "toy-base"
     out.mkdir()
     (out / "config.json").write_text("{}")
+    (out / "warmup.json").write_text(json.dumps({"view": importlib.import_module("toy_base").VIEW}))
     record("toy_base", tmp_path / "toy-base.build" / "args_toy_base.json", "--out", out)
     refused("toy_base", "--out", out, "--epochs", 3, folder=tmp_path, named="--epochs 2.0 -> 3.0",
             monkeypatch=monkeypatch, capsys=capsys)
     assert "nothing to do" in step_main("toy_base", "--out", out, "--cache_dir", tmp_path / "elsewhere",
                                         monkeypatch=monkeypatch, capsys=capsys)
+    # A base warmed up in another Questioner view (roles.py's prompts since changed) is another model: refused.
+    (out / "warmup.json").write_text(json.dumps({"view": 1}))
+    refused("toy_base", "--out", out, folder=tmp_path, named="another version of the Questioner's view",
+            monkeypatch=monkeypatch, capsys=capsys)
 
 
 def test_the_evaluation_summary_rounds_and_says_when_no_verdict_could_be_read():
