@@ -18,8 +18,9 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from models import ModelSettings, check_specs, truncated
+from models import ModelSettings, truncated
 from roles import questioner_view, roleplayer_view
+from specs import check_specs
 from utils import (StepError, check_rerun, load_pairs, parse_args, questioner_adapter, record_args, resumable,
                    run_main, seed_everything, stable_hash)
 

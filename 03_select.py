@@ -28,8 +28,9 @@ import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from models import ModelSettings, check_specs, truncated
+from models import ModelSettings, truncated
 from roles import answer_view, questioner_view
+from specs import check_specs
 from utils import (StepError, check_rerun, load_pairs, parse_args, questioner_adapter, read_jsonl, record_args,
                    record_key, resumable, run_main, seed_everything)
 

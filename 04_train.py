@@ -27,8 +27,10 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 
-from models import (ModelSettings, check_specs, encode_for_training, load_local, mixed_precision, resolve_dtype,
-                    template_accepts_system)
+from chat_format import encode_for_training, template_accepts_system
+from local_models import load_local, mixed_precision, resolve_dtype
+from models import ModelSettings
+from specs import check_specs
 from utils import (StepError, check_rerun, parse_args, read_jsonl, record_args, run_main, seed_everything,
                    write_json_atomic)
 

@@ -34,10 +34,11 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from models import ModelSettings, check_specs, parse_spec, truncated
+from models import ModelSettings, truncated
 from report import (bootstrap_ci, cluster_bootstrap_ci, load_metrics, min_detectable_effect, pair_outcome, win_rate,
                     write_report)
 from roles import JUDGE_PROMPT, JUDGE_SYSTEM, answer_problem, answer_view, parse_verdict
+from specs import check_specs, parse_spec
 from utils import (StepError, check_rerun, load_pairs, parse_args, provenance, questioner_adapter, read_jsonl,
                    record_args, record_key, resumable, run_main, seed_everything, write_json_atomic)
 

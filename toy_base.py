@@ -36,7 +36,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from models import ModelPool, load_local
+from local_models import load_local
+from models import ModelPool
 from roles import answer_view, questioner_view, roleplayer_view
 from scripted import mentions
 from utils import (StepError, check_rerun, parse_args, read_jsonl, record_args, run_main, seed_everything,

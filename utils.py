@@ -1,7 +1,7 @@
 """Plumbing shared by the numbered steps: errors, arguments, seeding, JSONL records.
 
 Nothing here is a STaR-GATE decision; those live in the steps (and the role prompts in `roles.py`).
-Model loading, generation and scoring are in `models.py`.
+Model loading, generation and scoring are in `local_models.py`, `server.py` and `models.py`.
 """
 
 import argparse

@@ -42,7 +42,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from models import LocalChat, LocalLM, ModelPool, encode_chat, encode_for_training  # noqa: E402
+from chat_format import encode_chat, encode_for_training  # noqa: E402
+from local_models import LocalChat, LocalLM  # noqa: E402
+from models import ModelPool  # noqa: E402
 from roles import answer_view  # noqa: E402
 
 simulate = importlib.import_module("02_simulate").simulate  # the dialogue loop of the steps

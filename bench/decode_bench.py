@@ -29,8 +29,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from chat_format import encode_chat  # noqa: E402
 from decoding import generate_batch  # noqa: E402
-from models import LocalLM, encode_chat  # noqa: E402
+from local_models import LocalLM  # noqa: E402
 
 
 def build_prompts(lm, n):

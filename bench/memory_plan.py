@@ -17,11 +17,11 @@ with rows x tokens the call's batch and its longest sequence:
                one fp32 per 256 blocks), every other parameter in bf16 (the checkpoint's dtype). Unquantized:
                every parameter in bf16 (what --dtype auto gives on a GPU, and on a CPU with bf16 matmuls).
                All models a step holds at once: the Questioner and a different Roleplayer (02, 05), and a
-               small unquantized model's merged adapter copy (models.LocalLM.merged_copy: 02 from t = 1, 05).
+               small unquantized model's merged adapter copy (local_models.LocalLM.merged_copy: 02 from t = 1, 05).
   KV cache     rows x (prompt + new tokens) x layers x 2 x kv_heads x head_dim x 2: decoding.py preallocates
                it for the prefill plan's width plus the cap; scoring caches prompt + response. The plan's width
                (decoding.allocated_width) is the longest prompt for the identical-length prompts planned here,
-               and --batch_tokens bounds rows x that width in the steps (models.LocalLM.batches).
+               and --batch_tokens bounds rows x that width in the steps (local_models.LocalLM.batches).
   activations  inference: one layer's forward over every row's whole prompt at once (prefill; shared prefixes
                are prefilled once, which this ignores: an upper bound): rows x tokens x (3 x intermediate +
                6 x hidden) x 2 (the MLP's gate, up and product; residual, norm, attention in and out), the
@@ -55,8 +55,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from mistral_standin import MISTRAL_7B_INSTRUCT_V02, standin_tokenizer  # noqa: E402
-from models import (BATCH_TOKENS, embedded_model_dir, encode_chat, encode_for_training,  # noqa: E402
-                    template_accepts_system, token_batches)
+from chat_format import encode_chat, encode_for_training, template_accepts_system  # noqa: E402
+from local_models import BATCH_TOKENS, embedded_model_dir, token_batches  # noqa: E402
 from roles import (JUDGE_PROMPT, JUDGE_SYSTEM, ORACLE_GOLD_PROMPT, ORACLE_SYSTEM, PERSONA_PROMPT,  # noqa: E402
                    answer_view, questioner_view, roleplayer_view)
 
@@ -158,7 +158,7 @@ def skeleton(config, quantized: bool):
 
 
 def bnb_config():
-    """The 4-bit settings of models.load_local."""
+    """The 4-bit settings of local_models.load_local."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

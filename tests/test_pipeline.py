@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import LocalLM, embedded_model_dir
+from local_models import LocalLM, embedded_model_dir
 from roles import answer_view, gold_problem
 from utils import load_pairs, read_jsonl
 

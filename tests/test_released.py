@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, TRAIN_QUESTION
-from models import embedded_model_dir, load_local
+from local_models import embedded_model_dir, load_local
 from test_settings import dry_run, flag, parser
 from utils import read_jsonl
 

@@ -9,10 +9,11 @@ import sys
 import pytest
 
 import roles
-from models import ModelPool, parse_spec
+from models import ModelPool
 from report import pair_outcome
 from roles import JUDGE_PROMPT, ORACLE_GOLD_PROMPT, PERSONA_PROMPT, ROLEPLAYER_SYSTEM, parse_verdict, unformat
 from scripted import VAGUE_REPLY, ScriptedChat, mentions
+from specs import parse_spec
 from utils import StepError, read_jsonl
 
 from conftest import REPO

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from conftest import TRAIN_NAMES, train_command, train_prompt
 
-from models import encode_chat, load_local
+from chat_format import encode_chat
+from local_models import load_local
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = train_prompt(TRAIN_NAMES[0])
