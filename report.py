@@ -1,10 +1,11 @@
-"""Plumbing for 05_eval.py: evaluation arithmetic (win rates, bootstrap intervals) and the report files.
+"""Plumbing for 05_eval.py: the report files (report.md and two plots) from metrics.json (metrics.py computes it),
+and the README's results tables from several runs' metrics.json (`python report.py RUN ...`).
 
-The paper's numbers (PROTOCOL.md) are kept here so that the report can put ours beside them.
+The paper's published numbers (PAPER, from Andukuri et al. 2024) are kept here so that the report can put ours
+beside them.
 """
 
 import json
-import random
 import re
 from pathlib import Path
 
@@ -16,91 +17,6 @@ PAPER = {  # Andukuri et al. 2024, test set; the paper's numbers, not ours
     "ablations": {"gold": {1: 44.1, 2: 51.8, 3: 54.2}, "none": {1: 25.4, 2: 20.3, 3: 20.5},
                   "mt_asks_m0_answers": {1: 53.8, 2: 53.6, 3: 49.6}},
 }
-
-
-def bootstrap_ci(values: list[float], n_boot: int = 2000, seed: int = 0, level: float = 0.95):
-    """Percentile bootstrap interval of the mean (resampling items with replacement)."""
-    if not values:
-        return [None, None]
-    rng = random.Random(seed)
-    n = len(values)
-    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_boot))
-    lo = means[int((1 - level) / 2 * n_boot)]
-    hi = means[min(n_boot - 1, int((1 + level) / 2 * n_boot))]
-    return [lo, hi]
-
-
-def cluster_bootstrap_ci(values: list[float], clusters: list[tuple], n_boot: int = 2000, seed: int = 0,
-                         level: float = 0.95):
-    """Percentile bootstrap interval of the mean of items that come in nested clusters, outermost first.
-
-    Test pairs are tasks x personas, so two pairs of one task are not independent draws: clusters[i] = (task_id,)
-    resamples the tasks with replacement, then within each drawn task its pairs (a two-stage bootstrap); with
-    several judged conversations per pair, clusters[i] = (task_id, persona_id) goes on to the conversations.
-    Wider than bootstrap_ci when the items of a cluster resemble each other, as it should be."""
-    if not values:
-        return [None, None]
-    tree = {}  # cluster key -> sub-clusters ... -> the items' values
-    for value, path in zip(values, clusters):
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node.setdefault(path[-1], []).append(float(value))
-
-    def as_lists(node):
-        return [as_lists(child) for child in node.values()] if isinstance(node, dict) else node
-
-    def draw(node, rng) -> tuple[float, int]:  # (sum, count) of one resample of this cluster's items
-        picks = [node[rng.randrange(len(node))] for _ in node]
-        if not isinstance(picks[0], list):
-            return sum(picks), len(picks)
-        drawn = [draw(child, rng) for child in picks]
-        return sum(s for s, _ in drawn), sum(n for _, n in drawn)
-
-    root, rng = as_lists(tree), random.Random(seed)
-    means = sorted(s / n for s, n in (draw(root, rng) for _ in range(n_boot)))
-    return [means[int((1 - level) / 2 * n_boot)], means[min(n_boot - 1, int((1 + level) / 2 * n_boot))]]
-
-
-def pair_outcome(verdict_new_first: str | None, verdict_new_second: str | None) -> float | None:
-    """One comparison judged in both orders. Order 1 shows the new model's answer as A, order 2 as B.
-
-    Both verdicts pick the new model: 1 (win); both pick the baseline: 0 (loss); they disagree: 0.5
-    (a tie: the judge followed the position, not the content). None if either verdict is unparseable.
-    """
-    if verdict_new_first is None or verdict_new_second is None:
-        return None
-    new_wins = [verdict_new_first == "A", verdict_new_second == "B"]
-    return 1.0 if all(new_wins) else 0.0 if not any(new_wins) else 0.5
-
-
-def win_rate(outcomes: list[float | None], n_boot: int = 2000, seed: int = 0,
-             clusters: list[tuple] | None = None) -> dict:
-    """Win rate in % (ties count half), its 95% bootstrap interval over the comparisons (ci95), and the judge's
-    order consistency. With each comparison's clusters (cluster_bootstrap_ci) also the interval that resamples
-    those (ci95_cluster), the one that fits a design of tasks x personas."""
-    scored = [o for o in outcomes if o is not None]
-    cluster = {} if clusters is None else {"ci95_cluster": cluster_bootstrap_ci(
-        [100 * o for o in scored], [c for o, c in zip(outcomes, clusters) if o is not None], n_boot, seed)}
-    if not scored:
-        return {"win_rate": None, "ci95": [None, None], **cluster, "n": 0, "unparseable": len(outcomes),
-                "order_consistency": None, "wins": 0, "losses": 0, "ties": 0}
-    ci = bootstrap_ci([100 * o for o in scored], n_boot, seed)
-    return {"win_rate": 100 * sum(scored) / len(scored), "ci95": ci, **cluster, "n": len(scored),
-            "unparseable": len(outcomes) - len(scored),
-            "order_consistency": sum(o != 0.5 for o in scored) / len(scored),
-            "wins": sum(o == 1.0 for o in scored), "losses": sum(o == 0.0 for o in scored),
-            "ties": sum(o == 0.5 for o in scored)}
-
-
-def min_detectable_effect(diffs: list[float]) -> float | None:
-    """Smallest mean difference a paired test of this size detects (5% two-sided, 80% power): 2.8 SD/sqrt(n)."""
-    n = len(diffs)
-    if n < 2:
-        return None
-    mean = sum(diffs) / n
-    sd = (sum((d - mean) ** 2 for d in diffs) / (n - 1)) ** 0.5
-    return 2.8 * sd / n ** 0.5
 
 
 def fmt(value, digits=1):
@@ -144,7 +60,7 @@ OUTCOME = {1.0: "wins", 0.5: "ties", 0.0: "loses", None: "unparseable"}
 
 
 def examples_section(metrics: dict) -> list[str]:
-    """The report's side-by-side examples (05_eval.side_by_side): per test pair, the two models' conversation 0 turn
+    """The report's side-by-side examples (metrics.side_by_side): per test pair, the two models' conversation 0 turn
     by turn, their final answers, and the Judge's verdicts on them."""
     if not metrics.get("examples"):
         return []

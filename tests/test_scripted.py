@@ -9,8 +9,8 @@ import sys
 import pytest
 
 import roles
+from metrics import pair_outcome
 from models import ModelPool
-from report import pair_outcome
 from roles import JUDGE_PROMPT, ORACLE_GOLD_PROMPT, PERSONA_PROMPT, ROLEPLAYER_SYSTEM, parse_verdict, unformat
 from scripted import VAGUE_REPLY, ScriptedChat, mentions
 from specs import parse_spec
