@@ -14,8 +14,8 @@ Writes  <run_dir>/eval/m{t}/conversations.jsonl  N test conversations per pair w
         <run_dir>/eval/metrics.json, report.md, winrate.png, logprob.png
 
 Every model faces the same test pairs, conversation lengths (balanced over --min_turns .. --max_turns turns) and
-random seeds, so differences come from the model. The test conversations go through 02_simulate.py's dialogue
-loop with the same simulation settings as training, and are scored by 03_select.py's reward, gold_logprob.
+random seeds, so differences come from the model. The test conversations go through training's dialogue loop
+with the same simulation settings (stargate.simulate_pairs), and are scored by its reward (stargate.gold_logprob).
 Unlike the paper, each comparison is judged in BOTH orders (position bias was large there): agreement is a
 win or a loss, disagreement a tie; win rates and log-prob gains come with 95% bootstrap intervals that resample
 the test tasks, then the pairs within them (a pair is a task x a persona: pairs of one task are not independent).
@@ -26,7 +26,6 @@ Judge calls are cached, so rerunning costs nothing.
         m2=hf:scandukuri/mistral-stargate --roleplayer ... --judge openai:gpt-4   # the authors' released m2
 """
 
-import importlib
 import json
 import random
 import re
@@ -39,12 +38,9 @@ from models import ModelSettings, truncated
 from report import load_metrics, write_report
 from roles import JUDGE_PROMPT, JUDGE_SYSTEM, answer_view, parse_verdict
 from specs import check_specs, parse_spec
+from stargate import SimulationSettings, gold_logprob, simulate_pairs
 from utils import (StepError, check_rerun, load_pairs, parse_args, questioner_adapter, record_args, record_key,
                    resumable, run_main, seed_everything, write_json_atomic)
-
-simulation = importlib.import_module("02_simulate")  # the dialogue loop and its settings, as in training
-SimulationSettings, simulate_pairs = simulation.SimulationSettings, simulation.simulate_pairs
-gold_logprob = importlib.import_module("03_select").gold_logprob  # the reward, as in training
 
 
 @dataclass

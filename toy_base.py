@@ -28,7 +28,6 @@ nothing about what to ask (the question rates before and after are in docs/EXPER
     python toy_base.py --out cache/toy-base
 """
 
-import importlib
 import os
 import random
 import subprocess
@@ -40,6 +39,7 @@ from local_models import load_local
 from models import ModelPool
 from roles import answer_view, questioner_view, roleplayer_view
 from scripted import mentions
+from stargate import cut_at_question  # one question per turn, as in 02
 from utils import (StepError, check_rerun, parse_args, read_jsonl, record_args, run_main, seed_everything,
                    write_json_atomic, write_jsonl_atomic)
 
@@ -49,7 +49,6 @@ TOLD_ANSWERS = ["Keeping in mind what you told me ({values}), I suggest {suggest
                 "Since you mentioned {values}, I would recommend {suggestion}."]
 GENERAL_ANSWERS = ["I suggest {suggestion}.", "My advice is {suggestion}.", "I would recommend {suggestion}."]
 ROOT = Path(__file__).resolve().parent
-cut_at_question = importlib.import_module("02_simulate").cut_at_question  # one question per turn, as in 02
 
 
 @dataclass

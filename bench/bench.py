@@ -27,7 +27,6 @@ Timings are wall clock: other processes on the machine slow them (the load avera
 """
 
 import argparse
-import importlib
 import json
 import os
 import re
@@ -46,8 +45,9 @@ from chat_format import encode_chat, encode_for_training  # noqa: E402
 from local_models import LocalChat, LocalLM  # noqa: E402
 from models import ModelPool  # noqa: E402
 from roles import answer_view  # noqa: E402
+from stargate import simulate  # noqa: E402  (the dialogue loop of the steps)
+from training import labelled_loss  # noqa: E402
 
-simulate = importlib.import_module("02_simulate").simulate  # the dialogue loop of the steps
 
 
 def matmul_gflops(dtype, n=2048, repeats=8):
@@ -206,7 +206,6 @@ def main():
 
     # 3. Training: LoRA (r 8, all linear layers) as 04_train.py's presets train: batch 1, 4 sequences per
     # AdamW update, 04's loss (logits only where a labelled token is predicted), no LoRA dropout.
-    labelled_loss = importlib.import_module("04_train").labelled_loss
     train_lm = LocalLM("embedded", args.cache_dir, dtype=args.dtype)
     model = get_peft_model(train_lm.model, LoraConfig(r=8, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
     model.train()

@@ -34,7 +34,6 @@ sizes (TINY), and memory is not measured.
 
 import argparse
 import dataclasses
-import importlib
 import importlib.util
 import json
 import sys
@@ -51,9 +50,9 @@ from memory_plan import (GIB, MISTRAL, PRESETS, SMOL, Shape, bnb_config, call_si
 from mistral_standin import MISTRAL_7B_INSTRUCT_V02, STANDIN_SIZES, standin_tokenizer  # noqa: E402
 from chat_format import encode_chat, encode_for_training, template_accepts_system  # noqa: E402
 from local_models import LocalLM, embedded_model_dir  # noqa: E402
+from training import PadCollator, labelled_loss  # noqa: E402  (04's: the training step measured is 04's)
 from utils import StepError, run_main  # noqa: E402
 
-train_step = importlib.import_module("04_train")  # its loss and collator: the training step measured is 04's
 
 # The calls measured (memory_plan.heavy_calls' names); 01 and 03 make the same calls with smaller batches.
 MEASURED = ["02 questions, turn 3", "02 answers, turn 3", "05 final answers", "05 judge", "05 gold log-probs",
@@ -148,7 +147,7 @@ def run_training(lm: LocalLM, call: dict, p, quantized: bool, device):
     the second step, loss). The first step allocates the optimizer's moments; the peak covers both."""
     model = training_model(lm, p, quantized)
     rows = [encode_for_training(lm.tokenizer, r, template_accepts_system(lm.tokenizer)) for r in call["records"]]
-    batch = train_step.PadCollator(lm.tokenizer.pad_token_id)(
+    batch = PadCollator(lm.tokenizer.pad_token_id)(
         [{"input_ids": ids[:p.max_length], "labels": labels[:p.max_length]} for ids, labels in rows])
     batch = {k: v.to(device) for k, v in batch.items()}
     if not (batch["labels"] != -100).any():
@@ -157,7 +156,7 @@ def run_training(lm: LocalLM, call: dict, p, quantized: bool, device):
     for _ in range(2):
         start = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):  # Trainer(bf16=True)
-            loss, _ = train_step.labelled_loss(model, batch)
+            loss, _ = labelled_loss(model, batch)
         loss = loss / (batch["labels"][:, 1:] != -100).sum()
         loss.backward()
         optimizer.step()

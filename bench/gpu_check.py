@@ -51,9 +51,9 @@ from chat_format import encode_chat, encode_for_training, template_accepts_syste
 from local_models import (LocalLM, count_params, embedded_model_dir, mixed_precision, resolve_dtype,  # noqa: E402
                           want_4bit)
 from roles import answer_view, questioner_view, roleplayer_view  # noqa: E402
+from training import LabelledLossTrainer, PadCollator  # noqa: E402
 from utils import StepError, run_main, write_json_atomic  # noqa: E402
 
-train_step = importlib.import_module("04_train")
 
 STAGES = ["environment", "embedded", "mistral", "run_all"]
 NEAR_TIE = 0.5  # logits: a greedy choice this close may flip with the order of a sum (batching, kernels)
@@ -204,8 +204,8 @@ def trainer_updates(lm: LocalLM, call: dict, p, tiny: bool) -> dict:
             learning_rate=2e-4, max_steps=3, gradient_checkpointing=False,  # training_model enabled it already
             use_cpu=not torch.cuda.is_available(), logging_steps=1, save_strategy="no", report_to="none",
             remove_unused_columns=False, **mixed_precision(resolve_dtype("auto", quantized=True)))
-        trainer = train_step.LabelledLossTrainer(model=model, args=arguments, train_dataset=dataset,
-                                                 data_collator=train_step.PadCollator(lm.tokenizer.pad_token_id))
+        trainer = LabelledLossTrainer(model=model, args=arguments, train_dataset=dataset,
+                                                 data_collator=PadCollator(lm.tokenizer.pad_token_id))
         gpu.reset(lm.device)
         start = time.perf_counter()
         trainer.train()

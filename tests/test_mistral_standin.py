@@ -2,14 +2,13 @@
 the CPU: it loads as `hf:<folder>` with --load_in_4bit yes, generates (stopping at the cap, whatever odd
 tokens random weights write), scores, and takes a LoRA adapter on its quantized base."""
 
-from importlib import import_module
-
 import pytest
 import torch
 from mistral_standin import MISTRAL_7B_INSTRUCT_V02, STANDIN_SIZES, build_standin, standin_tokenizer
 
 import decoding
 import local_models
+import stargate
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -68,7 +67,7 @@ def test_generation_stops_at_the_cap_and_survives_odd_tokens(quantized):
     chat = local_models.LocalChat(quantized, None)
     items = [{"name": "Maya", "task": "Plan a dinner.", "bio": "I am a nurse in Leeds.", "n_turns": 2}] * 2
     gen = {role: dict(max_new_tokens=8, temperature=1.0, top_p=1.0, batch_size=2) for role in ("questioner", "roleplayer")}
-    dialogues, _ = import_module("02_simulate").simulate(chat, chat, items, gen, seed=0)
+    dialogues, _ = stargate.simulate(chat, chat, items, gen, seed=0)
     assert [len(d) for d in dialogues] == [4, 4]
 
 

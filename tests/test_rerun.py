@@ -18,10 +18,10 @@ from test_bad_inputs import fails, run, snapshot, write_jsonl  # noqa: F401  (ru
 from transformers import HfArgumentParser
 
 from models import ModelSettings
+from stargate import SimulationSettings
 from utils import StepError, read_jsonl, record_args
 
 REPO = Path(__file__).resolve().parents[1]
-SimulationSettings = importlib.import_module("02_simulate").SimulationSettings
 SHARED = {"01_generate": (ModelSettings,), "02_simulate": (SimulationSettings, ModelSettings),
           "03_select": (ModelSettings,), "04_train": (ModelSettings,),
           "05_eval": (SimulationSettings, ModelSettings), "toy_base": ()}

@@ -16,9 +16,9 @@ import pytest
 from transformers import HfArgumentParser
 
 from models import ModelSettings
+from stargate import SimulationSettings
 
 REPO = Path(__file__).resolve().parents[1]
-SimulationSettings = importlib.import_module("02_simulate").SimulationSettings
 
 # What each step's main() parses: its own Args, then the settings it shares with other steps.
 SHARED = {"01_generate": (ModelSettings,), "02_simulate": (SimulationSettings, ModelSettings),
