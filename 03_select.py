@@ -135,8 +135,8 @@ def main():
             fixed = len(questioner_view(pairs[k[:2]]["name"], pairs[k[:2]]["task"], []))  # instructions, example
             records.append({"task_id": k[0], "persona_id": k[1], "conv_id": k[2], "iteration": args.iteration,
                             "logprob": s["logprob"], "target": args.target, "answerer": questioner.name,
-                            "messages": [dict(m, train=i >= fixed and m["role"] == "assistant")
-                                         for i, m in enumerate(messages)], "truncated": cut[i]})
+                            "messages": [dict(m, train=position >= fixed and m["role"] == "assistant")
+                                         for position, m in enumerate(messages)], "truncated": cut[i]})
         return records
 
     keys = [record_key("score", s) for s in kept]

@@ -47,8 +47,10 @@ class Args:
     warmup_ratio: float = field(default=0.1, metadata={"help": "share of steps warming up (paper: 0.1)"})
     epochs: float = field(default=1.0, metadata={"help": "passes over the records (paper: 1)"})
     batch_size: int = field(default=4, metadata={"help": "sequences per device per step"})
-    grad_accum: int = field(default=16, metadata={"help": "steps per update: batch_size x grad_accum x GPUs = 64 (paper)"})
-    max_length: int = field(default=1024, metadata={"help": "longest sequence in tokens (paper: 1024); longer ones are cut"})
+    grad_accum: int = field(default=16, metadata={
+        "help": "steps per update: batch_size x grad_accum x GPUs = 64 (paper)"})
+    max_length: int = field(default=1024, metadata={
+        "help": "longest sequence in tokens (paper: 1024); longer ones are cut"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scale numerator"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})

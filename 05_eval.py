@@ -216,13 +216,23 @@ def win_rate_summary(measured: dict) -> str:
                      for name, rate in rates.items()) or "-"
 
 
-def report_only(out: Path, ablation_dirs: list[str]):
-    """A finished evaluation's rerun: its metrics stand; with --ablation_dirs the report is written again with them
-    beside it, and otherwise left as it is (an ablation section it has stays)."""
+def ablation_metrics(ablation_dirs: list[str]) -> dict:
+    """Run folder name -> metrics.json of each evaluated ablation run (--ablation_dirs); one not evaluated yet is an
+    error, never left out of the report in silence."""
+    for folder in ablation_dirs:
+        if load_metrics(folder) is None:
+            raise StepError(f"--ablation_dirs {folder}: {Path(folder) / 'eval' / 'metrics.json'}: file not found; "
+                            "evaluate that run first (05_eval.py --run_dir <it> --baseline_dir <this run>)")
+    return {Path(folder).name: load_metrics(folder) for folder in ablation_dirs}
+
+
+def report_only(out: Path, ablations: dict):
+    """A finished evaluation's rerun: its metrics stand; with --ablation_dirs (ablations: their metrics) the report
+    is written again with them beside it, and otherwise left as it is (an ablation section it has stays)."""
     measured = json.loads((out / "metrics.json").read_text())
-    if ablation_dirs:
-        write_report(out, measured, {Path(d).name: load_metrics(d) for d in ablation_dirs if load_metrics(d)})
-    kept = "written again with the ablations beside it" if ablation_dirs else "kept as it was"
+    if ablations:
+        write_report(out, measured, ablations)
+    kept = "written again with the ablations beside it" if ablations else "kept as it was"
     print(f"05_eval: {out} is complete (win rate vs m0 (%): {win_rate_summary(measured)}); report {kept}: "
           f"{out / 'report.md'} (--overwrite evaluates again)")
 
@@ -233,8 +243,9 @@ def main():
     out = Path(args.run_dir) / "eval"
     check_specs(questioner=args.questioner, roleplayer=args.roleplayer, judge=args.judge)
     check_rerun(out / "args_05_eval.json", sorted(out.glob("*")), args.overwrite, args, sim_args, model_args)
+    ablations = ablation_metrics(args.ablation_dirs)  # checked before any work
     if (out / "metrics.json").exists():  # finished: no model is loaded, nothing is recomputed
-        report_only(out, args.ablation_dirs)
+        report_only(out, ablations)
         return
     pairs = sample_test_pairs(args.run_dir, args.test_pairs, args.seed, sim_args)
     by_pair = {(p["task_id"], p["persona_id"]): p for p in pairs}
@@ -276,7 +287,6 @@ def main():
 
     # 5. Metrics (metrics.py: win rates, log-prob gains, their intervals, diagnostics) and the report (report.py).
     measured = measure(args, by_pair, models, results, control_scores, judge.name, getattr(roleplayer, "world", None))
-    ablations = {Path(d).name: load_metrics(d) for d in args.ablation_dirs if load_metrics(d)}
     write_json_atomic(out / "metrics.json", measured)
     write_report(out, measured, ablations)
     print(f"05_eval: {len(pairs)} test pairs; win rate vs {models[0][0]} (%): {win_rate_summary(measured)}; "

@@ -161,7 +161,8 @@ def gold_flags(run_dir) -> dict:
     """How often the Oracle's gold answer for a test pair was unusable (01_generate.py's check):
     at first, and still after its retries (those pairs are left out of the evaluation)."""
     gold = [g for g in read_jsonl(Path(run_dir) / "data" / "gold.jsonl", "gold") if g["split"] == "test"]
-    return {"pairs": len(gold), "first_try": sum(g.get("attempts", 1) > 1 or bool(g.get("flag")) for g in gold) / len(gold),
+    retried = sum(g.get("attempts", 1) > 1 or bool(g.get("flag")) for g in gold)
+    return {"pairs": len(gold), "first_try": retried / len(gold),
             "left_out": sum(bool(g.get("flag")) for g in gold) / len(gold)}
 
 

@@ -6,8 +6,11 @@ beside them.
 """
 
 import json
+import os
 import re
 from pathlib import Path
+
+from utils import write_text_atomic
 
 PAPER = {  # Andukuri et al. 2024, test set; the paper's numbers, not ours
     "win_rate": {1: 69.9, 2: 72.2, 3: 65.2},
@@ -113,8 +116,8 @@ def write_report(folder: Path, metrics: dict, ablations: dict[str, dict]):
     scripted = str(metrics["judge"]).startswith("scripted:")
     lines += ["", "Order consistency: the share of pairs decided alike in both orders (a win or a loss); a tie lowers "
               "it, whether the answers were equally good or the Judge contradicted itself"
-              + (". The scripted Judge never depends on the order: all its ties are answers it scores equal." if scripted
-                 else "."),
+              + (". The scripted Judge never depends on the order: all its ties are answers it scores equal."
+                 if scripted else "."),
               "", "## Gold-response log-prob (summed, scored by Q_BASE)", "",
               "| model | mean of N | best of N | m_t - m0 (per pair, mean of N) | 95% CI (tasks, then pairs) "
               "| 95% CI, pairs alone | *paper mean* | *paper best* |", "|---|---|---|---|---|---|---|---|"]
@@ -127,7 +130,8 @@ def write_report(folder: Path, metrics: dict, ablations: dict[str, dict]):
                      f"| *{fmt(paper('logprob_best', model))}* |")
     c = metrics["controls"]
     lines += ["", "| control (m0) | ours | *paper* |", "|---|---|---|"]
-    for key, label in (("no_conversation", "no conversation"), ("persona_in_context", "persona in context (upper bound)"),
+    for key, label in (("no_conversation", "no conversation"),
+                       ("persona_in_context", "persona in context (upper bound)"),
                        ("other_persona", "conversation from a different persona")):
         lines.append(f"| {label} | {fmt(c[key])} | *{fmt(PAPER['controls'][key])}* |")
     v = metrics["conversation_value"]
@@ -141,12 +145,13 @@ def write_report(folder: Path, metrics: dict, ablations: dict[str, dict]):
                   f"(left out) of {g['pairs']}.", ""]
     lines += ["## Questions asked (diagnostics)", "",
               "| model | questions / conversation | question share of turns | words per question "
-              "| answered instead of asking | Roleplayer leaked persona | empty turns |", "|---|---|---|---|---|---|---|"]
+              "| answered instead of asking | Roleplayer leaked persona | empty turns |",
+              "|---|---|---|---|---|---|---|"]
     for model in models:
         q = metrics["models"][model]["diagnostics"]
         lines.append(f"| {model} | {fmt(q['questions_per_conversation'], 2)} | {fmt(q['question_rate'], 2)} "
-                     f"| {fmt(q['words_per_question'])} | {fmt(q['answered_instead'], 2)} | {fmt(q['persona_leak'], 2)} "
-                     f"| {q['empty_turns']} |")
+                     f"| {fmt(q['words_per_question'])} | {fmt(q['answered_instead'], 2)} "
+                     f"| {fmt(q['persona_leak'], 2)} | {q['empty_turns']} |")
     if "attribute_hit_rate" in metrics["models"][models[0]]["diagnostics"]:  # the toy preset's scripted world
         lines += ["", "Toy world: share of Questioner turns that ask about an attribute the task depends on: "
                   + ", ".join(f"{model} {fmt(metrics['models'][model]['diagnostics']['attribute_hit_rate'], 2)}"
@@ -191,7 +196,7 @@ def write_report(folder: Path, metrics: dict, ablations: dict[str, dict]):
             lines.append(f"| {name} (target {target}) | " + " | ".join(wins + gains + answers) + f" | *{numbers}* |")
     lines += examples_section(metrics)
     lines += ["", "![win rate](winrate.png)", "", "![gold log-prob](logprob.png)", ""]
-    (folder / "report.md").write_text("\n".join(lines))
+    write_text_atomic(folder / "report.md", "\n".join(lines))
     plot(folder, metrics, models)
 
 
@@ -214,7 +219,7 @@ def plot(folder: Path, metrics: dict, models: list[str]):
     ax.set(xlabel="model", ylabel="win rate vs m0 (%)", ylim=(0, 100), xticks=ts, xticklabels=models[1:])
     ax.legend()
     fig.tight_layout()
-    fig.savefig(folder / "winrate.png", dpi=120)
+    save_figure(fig, folder / "winrate.png")
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -226,8 +231,15 @@ def plot(folder: Path, metrics: dict, models: list[str]):
     ax.set(xlabel="model m_t", ylabel="gold log-prob (nats)", xticks=range(len(models)), xticklabels=models)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(folder / "logprob.png", dpi=120)
+    save_figure(fig, folder / "logprob.png")
     plt.close(fig)
+
+
+def save_figure(fig, path: Path):
+    """fig as a PNG file written beside, then renamed (as utils' atomic writes): never half a plot."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=120)
+    os.replace(tmp, path)
 
 
 def load_metrics(run_dir) -> dict | None:
@@ -338,7 +350,7 @@ def main():
     if TABLE_BEGIN not in text or TABLE_END not in text:
         raise SystemExit(f"error: {args.readme}: no {TABLE_BEGIN} ... {TABLE_END} block to write the tables into")
     head, rest = text.split(TABLE_BEGIN, 1)
-    Path(args.readme).write_text(head + TABLE_BEGIN + "\n" + table + TABLE_END + rest.split(TABLE_END, 1)[1])
+    write_text_atomic(args.readme, head + TABLE_BEGIN + "\n" + table + TABLE_END + rest.split(TABLE_END, 1)[1])
 
 
 if __name__ == "__main__":

@@ -150,10 +150,11 @@ def main():
     write_jsonl_atomic(build / "iter0" / "sft.jsonl", records)
 
     # Train a LoRA adapter on them with 04_train.py (the same code as every STaR-GATE iteration).
-    command = [sys.executable, str(ROOT / "04_train.py"), "--run_dir", str(build), "--iteration", "0", "--questioner", "embedded",
-               "--cache_dir", args.cache_dir, "--dtype", args.dtype, "--learning_rate", str(args.learning_rate),
-               "--epochs", str(args.epochs), "--batch_size", "1", "--grad_accum", "4", "--lora_r", str(args.lora_r),
-               "--lora_dropout", "0", "--no_gradient_checkpointing", "--load_in_4bit", "no", "--seed", str(args.seed)]
+    command = [sys.executable, str(ROOT / "04_train.py"), "--run_dir", str(build), "--iteration", "0",
+               "--questioner", "embedded", "--cache_dir", args.cache_dir, "--dtype", args.dtype,
+               "--learning_rate", str(args.learning_rate), "--epochs", str(args.epochs), "--batch_size", "1",
+               "--grad_accum", "4", "--lora_r", str(args.lora_r), "--lora_dropout", "0", "--no_gradient_checkpointing",
+               "--load_in_4bit", "no", "--seed", str(args.seed)]
     if subprocess.run(command).returncode != 0:
         raise StepError("toy_base: 04_train.py failed on the warm-up records (its error is above)")
 

@@ -101,7 +101,8 @@ def main():
     results["all"] = {"used": sum(u["used"] for u in all_use) / sum(u["told"] for u in all_use),
                       "hallucinated": sum(u["hallucinated"] for u in all_use) / sum(u["attributes"] for u in all_use),
                       "no_answer": sum(answer_problem(a) is not None for a in answers) / len(answers),
-                      "kinds": {k: sum(answer_problem(a) == k for a in answers) for k in ("question", "refusal", "empty")}}
+                      "kinds": {k: sum(answer_problem(a) == k for a in answers)
+                                for k in ("question", "refusal", "empty")}}
 
     # Part 2: the model as Questioner against the scripted Roleplayer.
     rng = random.Random(args.seed + 1)

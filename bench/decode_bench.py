@@ -153,7 +153,7 @@ def main():
         print(f"  {name}: {useful} useful tokens in {seconds:.1f} s = {useful / seconds:.1f} tok/s "
               f"(load {os.getloadavg()[0]:.1f})", flush=True)
 
-    print(f"\n| method | prompts | useful tokens | row-steps decoded | wall s | useful tok/s | CPU s |")
+    print("\n| method | prompts | useful tokens | row-steps decoded | wall s | useful tok/s | CPU s |")
     print("|---|---|---|---|---|---|---|")
     for name, n, useful, row_steps, seconds, cpu in rows:
         print(f"| {name} | {n} | {useful} | {row_steps} | {seconds:.1f} | {useful / seconds:.1f} | {cpu:.1f} |")

@@ -252,7 +252,8 @@ def main():
 
     rows = []
     if "mistral" in args.models:
-        config = model_config(("mistral", {**MISTRAL_7B_INSTRUCT_V02, **(STANDIN_SIZES if args.shape == "tiny" else {})}))
+        sizes = STANDIN_SIZES if args.shape == "tiny" else {}
+        config = model_config(("mistral", {**MISTRAL_7B_INSTRUCT_V02, **sizes}))
         model, tokenizer = random_4bit_model(config, device), standin_tokenizer(embedded)
         tokenizer.pad_token = tokenizer.eos_token  # as load_local does: Mistral's tokenizer has no pad token
         lm = LocalLM(f"random:{MISTRAL}", loaded=(model, tokenizer))

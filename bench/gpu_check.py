@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import importlib
 import importlib.metadata
-import json
 import os
 import re
 import subprocess

@@ -6,7 +6,8 @@
 and Roleplayer (greedy); prints the share of Questioner turns containing "?" by turn. nudge: each
 Roleplayer reply, as the Questioner sees it, ends with "(Ask me your next question.)"; examples3: the
 worked example shows three questions in a row; both: the two together (roles.py's current view); base:
-neither (the earlier view). Variants patch the view the steps' dialogue loop (stargate.simulate) uses, in this process only. Local models compute as the steps do (--dtype auto).
+neither (the earlier view). Variants patch the view the steps' dialogue loop (stargate.simulate) uses, in this
+process only. Local models compute as the steps do (--dtype auto).
 """
 import json
 import sys
@@ -40,4 +41,5 @@ t = time.time()
 dialogues, _ = stargate.simulate(chat, chat, items, gen, seed=0)
 by_turn = [[("?" in d[2 * k]["content"]) for d in dialogues] for k in range(3)]
 rate = [sum(x) / len(x) for x in by_turn]
-print(variant, f"cap {question_max_tokens}", "question rate by turn", [f"{r:.0%}" for r in rate], f"all {sum(map(sum, by_turn)) / (3 * len(dialogues)):.0%}", f"{time.time() - t:.0f} s")
+print(variant, f"cap {question_max_tokens}", "question rate by turn", [f"{r:.0%}" for r in rate],
+      f"all {sum(map(sum, by_turn)) / (3 * len(dialogues)):.0%}", f"{time.time() - t:.0f} s")

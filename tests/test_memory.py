@@ -142,7 +142,8 @@ def test_the_gpu_benchmark_runs_at_a_tiny_shape_on_the_cpu(tmp_path, model_cache
     result = json.loads((tmp_path / "r.json").read_text())
     rows = result["rows"]
     assert [r["what"] for r in rows] == 2 * [
-        "02 questions, turn 3", "02 answers, turn 3", "05 final answers", "05 judge", "05 gold log-probs", "04 training step"]
+        "02 questions, turn 3", "02 answers, turn 3", "05 final answers", "05 judge", "05 gold log-probs",
+        "04 training step"]
     assert rows[0]["model"].startswith("Mistral-7B-Instruct-v0.2-shaped") and rows[6]["model"].startswith("SmolLM2")
     for r in rows:
         assert "error" not in r and r["tokens_per_s"] > 0 and r["planned_gib"] > 0, r

@@ -66,7 +66,8 @@ def test_generation_stops_at_the_cap_and_survives_odd_tokens(quantized):
     assert isinstance(quantized.tokenizer.decode(list(range(32000)), skip_special_tokens=True), str)
     chat = local_models.LocalChat(quantized, None)
     items = [{"name": "Maya", "task": "Plan a dinner.", "bio": "I am a nurse in Leeds.", "n_turns": 2}] * 2
-    gen = {role: dict(max_new_tokens=8, temperature=1.0, top_p=1.0, batch_size=2) for role in ("questioner", "roleplayer")}
+    gen = {role: dict(max_new_tokens=8, temperature=1.0, top_p=1.0, batch_size=2)
+           for role in ("questioner", "roleplayer")}
     dialogues, _ = stargate.simulate(chat, chat, items, gen, seed=0)
     assert [len(d) for d in dialogues] == [4, 4]
 

@@ -102,6 +102,16 @@ def test_a_finished_evaluation_reruns_in_seconds_and_keeps_its_report(evaluated)
     assert "is complete (win rate vs m0 (%): m1 53.3)" in stdout and "report kept as it was" in stdout
 
 
+def test_an_ablation_run_not_yet_evaluated_is_one_error(evaluated, tmp_path, monkeypatch, capsys):
+    """--ablation_dirs naming a run with no eval/metrics.json stops with an error naming that file; the report
+    is never written without it."""
+    run, flags = evaluated
+    before = snapshot(run)
+    with pytest.raises(StepError, match=r"run-gold/eval/metrics.json: file not found; evaluate that run first"):
+        step_main("05_eval", *flags, "--ablation_dirs", tmp_path / "run-gold", monkeypatch=monkeypatch, capsys=capsys)
+    assert snapshot(run) == before
+
+
 def test_simulation_rerun_with_another_n_is_refused_and_overwrite_redoes_it(run, model_cache, monkeypatch, capsys):
     flags = ["--run_dir", run, "--cache_dir", model_cache, "--dtype", "float32", "--max_turns", 1,
              "--question_max_tokens", 4, "--answer_max_tokens", 4]

@@ -4,7 +4,6 @@ The training run is conftest.py's `trained` (shared with the crash-resume test o
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -57,8 +56,10 @@ def test_the_loss_at_labelled_positions_only_equals_the_default_loss(tmp_path, m
     from transformers import TrainingArguments
 
     model, tokenizer = load_local("embedded", model_cache)
-    chats = [[{"role": "user", "content": "Plan my trip."}, {"role": "assistant", "content": "Where to?", "train": True},
-              {"role": "user", "content": "Rome, cheaply."}, {"role": "assistant", "content": "Take the train.", "train": True}],
+    chats = [[{"role": "user", "content": "Plan my trip."},
+              {"role": "assistant", "content": "Where to?", "train": True},
+              {"role": "user", "content": "Rome, cheaply."},
+              {"role": "assistant", "content": "Take the train.", "train": True}],
              [{"role": "user", "content": "Cook me dinner, please, something quick and warm."},
               {"role": "assistant", "content": "Any allergies?", "train": True}]]
     rows = [dict(zip(("input_ids", "labels"), encode_for_training(tokenizer, c))) for c in chats]

@@ -410,14 +410,16 @@ def test_questioner_never_sees_the_persona():
                  roles.answer_view("Maya", "Suggest a dinner.", DIALOGUE)):
         assert view[0] == {"role": "system", "content": roles.QUESTIONER_SYSTEM}
         assert view[1:1 + len(roles.QUESTIONER_EXAMPLES)] == roles.QUESTIONER_EXAMPLES
-        assert view[1 + len(roles.QUESTIONER_EXAMPLES)] == {"role": "user", "content": "Hi, I'm Maya. Suggest a dinner."}
+        first = {"role": "user", "content": "Hi, I'm Maya. Suggest a dinner."}
+        assert view[1 + len(roles.QUESTIONER_EXAMPLES)] == first
         assert not any(bio in m["content"] for m in view)
 
 
 def test_answer_view_ends_with_the_restated_task_as_a_user_turn():
     view = roles.answer_view("Maya", "Suggest a dinner.", DIALOGUE)
     nudged = f"Peanuts.\n\n{roles.NEXT_QUESTION}"  # a question followed this answer; none follows the last
-    assert view[2 + len(roles.QUESTIONER_EXAMPLES):-1] == [DIALOGUE[0], dict(DIALOGUE[1], content=nudged), *DIALOGUE[2:]]
+    dialogue = view[2 + len(roles.QUESTIONER_EXAMPLES):-1]
+    assert dialogue == [DIALOGUE[0], dict(DIALOGUE[1], content=nudged), *DIALOGUE[2:]]
     assert view[-1]["role"] == "user"
     assert view[-1]["content"] == roles.FINAL_ANSWER_PROMPT.format(task="Suggest a dinner.")
     assert view[-1]["content"].endswith("Suggest a dinner.")
