@@ -20,9 +20,8 @@ from pathlib import Path
 
 from models import ModelSettings
 from specs import check_specs
-from stargate import SimulationSettings, simulate_pairs, split_of_iteration
-from utils import (check_rerun, load_pairs, parse_args, questioner_adapter, record_args, run_main, seed_everything,
-                   stable_hash)
+from stargate import SimulationSettings, questioner_adapter, simulate_pairs, split_of_iteration
+from utils import check_rerun, load_pairs, parse_args, record_args, run_main, seed_everything, stable_hash
 
 
 @dataclass

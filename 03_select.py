@@ -30,9 +30,9 @@ from pathlib import Path
 from models import ModelSettings, truncated
 from roles import answer_view, questioner_view
 from specs import check_specs
-from stargate import gold_logprob, split_of_iteration
-from utils import (StepError, check_rerun, load_pairs, parse_args, questioner_adapter, read_jsonl, record_args,
-                   record_key, resumable, run_main, seed_everything)
+from stargate import gold_logprob, questioner_adapter, split_of_iteration
+from utils import (StepError, check_rerun, load_pairs, parse_args, read_jsonl, record_args, record_key, resumable,
+                   run_main, seed_everything)
 
 
 @dataclass

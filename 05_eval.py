@@ -38,9 +38,9 @@ from models import ModelSettings, truncated
 from report import load_metrics, write_report
 from roles import JUDGE_PROMPT, JUDGE_SYSTEM, answer_view, parse_verdict
 from specs import check_specs, parse_spec
-from stargate import SimulationSettings, gold_logprob, simulate_pairs
-from utils import (StepError, check_rerun, load_pairs, parse_args, questioner_adapter, record_args, record_key,
-                   resumable, run_main, seed_everything, write_json_atomic)
+from stargate import SimulationSettings, gold_logprob, questioner_adapter, simulate_pairs
+from utils import (StepError, check_rerun, load_pairs, parse_args, record_args, record_key, resumable, run_main,
+                   seed_everything, write_json_atomic)
 
 
 @dataclass

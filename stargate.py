@@ -5,7 +5,7 @@ which 02_simulate.py runs on the training pairs and 05_eval.py on the test pairs
 questions as they do). What each role is told and sees is in roles.py.
 The reward (Sec. 3, step 2): `gold_logprob`, with which 03_select.py scores the training conversations and
 05_eval.py the test conversations.
-Which training split an iteration simulates: `split_of_iteration` (02 and 03).
+Which training split an iteration simulates (`split_of_iteration`) and which model Q_t is (`questioner_adapter`).
 """
 
 from dataclasses import dataclass, field
@@ -16,7 +16,7 @@ from roles import answer_view, questioner_view, roleplayer_view
 from utils import StepError, resumable, stable_hash
 
 
-# --- The conversation (Sec. 3, step 1) -----------------------------------------------------------------
+# --- The conversation (Sec. 3, step 1) ----------------------------------------------------------------
 
 @dataclass
 class SimulationSettings:
@@ -101,6 +101,14 @@ def simulate_pairs(questioner, roleplayer, pairs, sim: SimulationSettings, *, n_
 
     return resumable(final, "conversation", items, keys, chunk_pairs * n_conversations, desc or f"simulate {tag}",
                      make_records)
+
+
+# --- An iteration's Questioner and pairs --------------------------------------------------------------
+
+def questioner_adapter(run_dir, t: int):
+    """Q_t is Q_BASE plus the LoRA adapter 04_train.py wrote at iteration t-1 (none at t = 0); each adapter is
+    trained from Q_BASE (Sec. 3, step 5), not from Q_{t-1}. Returns (adapter name, folder) or None."""
+    return None if t == 0 else (f"m{t}", Path(run_dir) / f"iter{t - 1}" / "adapter")
 
 
 def split_of_iteration(t: int) -> str:

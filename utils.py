@@ -361,14 +361,6 @@ def pending_chunks(items: list, keys: list, done: set, size: int, desc: str):
             yield index // size, items[index:index + size], chunk_keys
 
 
-# --- Run layout ---------------------------------------------------------------------------------------
-
-def questioner_adapter(run_dir, t: int):
-    """Q_t is Q_BASE plus the LoRA adapter 04_train.py wrote at iteration t-1 (none at t = 0).
-    Returns (adapter name, folder) or None."""
-    return None if t == 0 else (f"m{t}", Path(run_dir) / f"iter{t - 1}" / "adapter")
-
-
 def resumable(final: Path, kind: str, items: list, keys: list, size: int, desc: str, make_records):
     """Compute the records of `final` chunk by chunk, appending each chunk to <final>.partial.jsonl as
     it finishes; on a rerun, chunks already saved are skipped. make_records(index, chunk, chunk_keys)

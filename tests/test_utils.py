@@ -259,8 +259,8 @@ def test_resumable_after_a_crash_computes_only_the_missing_chunks(tmp_path):
 
 def test_iterations_alternate_splits_and_adapters():
     assert [stargate.split_of_iteration(t) for t in range(4)] == ["A", "B", "A", "B"]
-    assert utils.questioner_adapter("runs/x", 0) is None
-    name, folder = utils.questioner_adapter("runs/x", 2)
+    assert stargate.questioner_adapter("runs/x", 0) is None
+    name, folder = stargate.questioner_adapter("runs/x", 2)
     assert name == "m2" and folder.as_posix() == "runs/x/iter1/adapter"
 
 
