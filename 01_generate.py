@@ -23,9 +23,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from models import ModelSettings, check_specs, truncated
+from models import ModelSettings, truncated
 from original import parse_original, read_original
 from roles import ORACLE_GOLD_PROMPT, ORACLE_SYSTEM, PERSONA_PROMPT, gold_problem
+from specs import check_specs
 from utils import (StepError, check_rerun, parse_args, read_jsonl, record_args, run_main, seed_everything,
                    write_json_atomic, write_jsonl_atomic)
 

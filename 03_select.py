@@ -7,7 +7,7 @@ Writes  <run_dir>/iter{t}/scores.jsonl  the gold log-prob of EVERY conversation 
 
 1. Score (the reward): the summed log-prob of the pair's gold response under the FIXED base model Q_BASE
    (never the current model), as the assistant turn after the context the Questioner answers in,
-   roles.answer_view. That context is the WHOLE Questioner prompt, not only the dialogue (`gold_logprob`):
+   roles.answer_view. That context is the WHOLE Questioner prompt, not only the dialogue (stargate.gold_logprob):
      - the Questioner's instructions (roles.QUESTIONER_SYSTEM, with its example questions),
      - the worked example of earlier chat turns (roles.QUESTIONER_EXAMPLES),
      - the user's first turn: their first name and the task (roles.first_turn),
@@ -24,16 +24,15 @@ Writes  <run_dir>/iter{t}/scores.jsonl  the gold log-prob of EVERY conversation 
     python 03_select.py --run_dir runs/tiny --iteration 0 --n_conversations 3
 """
 
-import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from models import ModelSettings, check_specs, truncated
+from models import ModelSettings, truncated
 from roles import answer_view, questioner_view
-from utils import (StepError, check_rerun, load_pairs, parse_args, questioner_adapter, read_jsonl, record_args,
-                   record_key, resumable, run_main, seed_everything)
-
-split_of_iteration = importlib.import_module("02_simulate").split_of_iteration  # the split 02 simulated
+from specs import check_specs
+from stargate import gold_logprob, questioner_adapter, split_of_iteration
+from utils import (StepError, check_rerun, load_pairs, parse_args, read_jsonl, record_args, record_key, resumable,
+                   run_main, seed_everything)
 
 
 @dataclass
@@ -55,16 +54,6 @@ class Args:
     overwrite: bool = field(default=False, metadata={
         "help": "redo the iteration's scores and selection even if they exist (a rerun with other settings stops "
                 "otherwise)"})
-
-
-def gold_logprob(scorer, pairs: list[dict], dialogues: list[list[dict]], batch_size: int) -> list[tuple]:
-    """The reward of each conversation: log p_BASE(gold | the Questioner's whole prompt, the dialogue, the
-    task restated), summed over the gold response's tokens (Sec. 3, step 2; 05_eval.py scores test
-    conversations with it too). pairs: dicts with name, task and gold, one per dialogue. The scorer runs with
-    every adapter switched off, so it is Q_BASE even when Q_t shares its weights.
-    Returns (logprob, n_tokens scored, truncated) per dialogue."""
-    contexts = [answer_view(p["name"], p["task"], d) for p, d in zip(pairs, dialogues)]
-    return scorer.score(contexts, [p["gold"] for p in pairs], adapter=None, batch_size=batch_size)
 
 
 def top_k(scores: list[dict], k: int) -> list[dict]:
@@ -146,8 +135,8 @@ def main():
             fixed = len(questioner_view(pairs[k[:2]]["name"], pairs[k[:2]]["task"], []))  # instructions, example
             records.append({"task_id": k[0], "persona_id": k[1], "conv_id": k[2], "iteration": args.iteration,
                             "logprob": s["logprob"], "target": args.target, "answerer": questioner.name,
-                            "messages": [dict(m, train=i >= fixed and m["role"] == "assistant")
-                                         for i, m in enumerate(messages)], "truncated": cut[i]})
+                            "messages": [dict(m, train=position >= fixed and m["role"] == "assistant")
+                                         for position, m in enumerate(messages)], "truncated": cut[i]})
         return records
 
     keys = [record_key("score", s) for s in kept]

@@ -15,20 +15,20 @@ and resumes from its last checkpoint after a crash.
     accelerate launch 04_train.py --run_dir runs/paper --iteration 0 --questioner hf:mistralai/Mistral-7B-Instruct-v0.2
 """
 
-import json
 import os
-import re
 import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from transformers import Trainer, TrainingArguments
+from transformers import TrainingArguments
 
-from models import (ModelSettings, check_specs, encode_for_training, load_local, mixed_precision, resolve_dtype,
-                    template_accepts_system)
+from chat_format import encode_for_training, template_accepts_system
+from local_models import load_local, mixed_precision, resolve_dtype
+from models import ModelSettings
+from specs import check_specs
+from training import LabelledLossTrainer, PadCollator, last_checkpoint
 from utils import (StepError, check_rerun, parse_args, read_jsonl, record_args, run_main, seed_everything,
                    write_json_atomic)
 
@@ -47,8 +47,10 @@ class Args:
     warmup_ratio: float = field(default=0.1, metadata={"help": "share of steps warming up (paper: 0.1)"})
     epochs: float = field(default=1.0, metadata={"help": "passes over the records (paper: 1)"})
     batch_size: int = field(default=4, metadata={"help": "sequences per device per step"})
-    grad_accum: int = field(default=16, metadata={"help": "steps per update: batch_size x grad_accum x GPUs = 64 (paper)"})
-    max_length: int = field(default=1024, metadata={"help": "longest sequence in tokens (paper: 1024); longer ones are cut"})
+    grad_accum: int = field(default=16, metadata={
+        "help": "steps per update: batch_size x grad_accum x GPUs = 64 (paper)"})
+    max_length: int = field(default=1024, metadata={
+        "help": "longest sequence in tokens (paper: 1024); longer ones are cut"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scale numerator"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
@@ -59,72 +61,6 @@ class Args:
     seed: int = field(default=0, metadata={"help": "seeds LoRA initialisation and data order"})
     overwrite: bool = field(default=False, metadata={
         "help": "train the adapter again even if it exists (a rerun with other settings stops otherwise)"})
-
-
-class PadCollator:
-    """Right-pads a batch; padded positions carry no loss and no attention."""
-
-    def __init__(self, pad_id):
-        self.pad_id = pad_id
-
-    def __call__(self, rows):
-        width = max(len(r["input_ids"]) for r in rows)
-        pad = [width - len(r["input_ids"]) for r in rows]
-        return {"input_ids": torch.tensor([r["input_ids"] + [self.pad_id] * n for r, n in zip(rows, pad)]),
-                "labels": torch.tensor([r["labels"] + [-100] * n for r, n in zip(rows, pad)]),
-                "attention_mask": torch.tensor([[1] * len(r["input_ids"]) + [0] * n for r, n in zip(rows, pad)])}
-
-
-def labelled_loss(model, inputs):
-    """(summed cross-entropy of the labelled tokens, the model's outputs), with vocabulary logits made only
-    at the positions that predict a labelled token.
-
-    The default causal-LM loss makes fp32 logits (batch x length x vocabulary) at every position, though
-    most positions are system prompt and Roleplayer replies, which carry no loss. Same loss, less memory.
-    No KV cache: the model config's use_cache would build one at every step when gradient checkpointing is off.
-    """
-    targets = inputs["labels"][:, 1:]  # position p predicts token p + 1
-    keep = (targets != -100).any(0).nonzero()[:, 0]  # positions labelled in at least one row
-    outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=keep,
-                    use_cache=False)
-    loss = F.cross_entropy(outputs.logits.float().flatten(0, 1), targets[:, keep].flatten(),
-                           ignore_index=-100, reduction="sum")
-    return loss, outputs
-
-
-class LabelledLossTrainer(Trainer):
-    """Trainer whose loss is labelled_loss: logits only where a labelled token is predicted."""
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, outputs = labelled_loss(model, inputs)
-        # Trainer's convention: a mean over the labelled tokens of the whole accumulated batch (all devices),
-        # with DDP's averaging of gradients over devices undone; a per-batch mean when it gives no count.
-        if num_items_in_batch is None:
-            loss = loss / (inputs["labels"][:, 1:] != -100).sum()
-        else:
-            loss = loss / num_items_in_batch
-            if self.args.average_tokens_across_devices:
-                loss = loss * self.accelerator.num_processes
-        return (loss, outputs) if return_outputs else loss
-
-
-def last_checkpoint(folder: Path) -> Path | None:
-    """The newest checkpoint that Trainer finished writing, or None.
-
-    Trainer writes a checkpoint's files one by one, trainer_state.json last, and not atomically: a crash
-    while saving leaves a checkpoint folder without it, or with half of it. Trainer's own choice
-    (resume_from_checkpoint=True) is the highest-numbered folder, complete or not, so choose here.
-    """
-    complete = {}
-    for path in folder.glob("checkpoint-*"):
-        number = re.fullmatch(r"checkpoint-(\d+)", path.name)
-        try:
-            json.loads((path / "trainer_state.json").read_text())
-        except (OSError, ValueError):  # missing, or cut off mid-write
-            continue
-        if number is not None:
-            complete[int(number.group(1))] = path
-    return complete[max(complete)] if complete else None
 
 
 def main():

@@ -14,8 +14,8 @@ Writes  <run_dir>/eval/m{t}/conversations.jsonl  N test conversations per pair w
         <run_dir>/eval/metrics.json, report.md, winrate.png, logprob.png
 
 Every model faces the same test pairs, conversation lengths (balanced over --min_turns .. --max_turns turns) and
-random seeds, so differences come from the model. The test conversations go through 02_simulate.py's dialogue
-loop with the same simulation settings as training, and are scored by 03_select.py's reward, gold_logprob.
+random seeds, so differences come from the model. The test conversations go through training's dialogue loop
+with the same simulation settings (stargate.simulate_pairs), and are scored by its reward (stargate.gold_logprob).
 Unlike the paper, each comparison is judged in BOTH orders (position bias was large there): agreement is a
 win or a loss, disagreement a tie; win rates and log-prob gains come with 95% bootstrap intervals that resample
 the test tasks, then the pairs within them (a pair is a task x a persona: pairs of one task are not independent).
@@ -26,7 +26,6 @@ Judge calls are cached, so rerunning costs nothing.
         m2=hf:scandukuri/mistral-stargate --roleplayer ... --judge openai:gpt-4   # the authors' released m2
 """
 
-import importlib
 import json
 import random
 import re
@@ -34,16 +33,14 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from models import ModelSettings, check_specs, parse_spec, truncated
-from report import (bootstrap_ci, cluster_bootstrap_ci, load_metrics, min_detectable_effect, pair_outcome, win_rate,
-                    write_report)
-from roles import JUDGE_PROMPT, JUDGE_SYSTEM, answer_problem, answer_view, parse_verdict
-from utils import (StepError, check_rerun, load_pairs, parse_args, provenance, questioner_adapter, read_jsonl,
-                   record_args, record_key, resumable, run_main, seed_everything, write_json_atomic)
-
-simulation = importlib.import_module("02_simulate")  # the dialogue loop and its settings, as in training
-SimulationSettings, simulate_pairs = simulation.SimulationSettings, simulation.simulate_pairs
-gold_logprob = importlib.import_module("03_select").gold_logprob  # the reward, as in training
+from metrics import answer_texts, measure
+from models import ModelSettings, truncated
+from report import load_metrics, write_report
+from roles import JUDGE_PROMPT, JUDGE_SYSTEM, answer_view, parse_verdict
+from specs import check_specs, parse_spec
+from stargate import SimulationSettings, gold_logprob, questioner_adapter, simulate_pairs
+from utils import (StepError, check_rerun, load_pairs, parse_args, record_args, record_key, resumable, run_main,
+                   seed_everything, write_json_atomic)
 
 
 @dataclass
@@ -80,69 +77,6 @@ class Args:
     batch_size: int = field(default=32, metadata={"help": "sequences per generation or scoring batch"})
     overwrite: bool = field(default=False, metadata={
         "help": "redo the evaluation even if it exists (a rerun with other settings stops otherwise)"})
-
-
-def diagnostics(conversations, pairs) -> dict:
-    """How the Questioner behaves: does it ask, how long are its questions, does the Roleplayer recite?"""
-    asked = [m["content"] for c in conversations for m in c["messages"] if m["role"] == "assistant"]
-    replies = [(m["content"], pairs[(c["task_id"], c["persona_id"])]["bio"])
-               for c in conversations for m in c["messages"] if m["role"] == "user"]
-    questions = [q for q in asked if "?" in q]
-
-    def leaked(reply, bio):  # the reply repeats most of the persona's distinctive words
-        words = {w for w in bio.lower().split() if len(w) > 4}
-        return len(words) > 0 and len(words & set(reply.lower().split())) / len(words) >= 0.5
-
-    return {"questions_per_conversation": len(questions) / len(conversations),
-            "question_rate": len(questions) / max(1, len(asked)),
-            "words_per_question": sum(len(q.split()) for q in questions) / max(1, len(questions)),
-            "answered_instead": sum("?" not in q and len(q.split()) > 25 for q in asked) / max(1, len(asked)),
-            "persona_leak": sum(leaked(r, b) for r, b in replies) / max(1, len(replies)),
-            "empty_turns": sum(not m.strip() for m in asked) + sum(not r.strip() for r, _ in replies)}
-
-
-def answer_diagnostics(answers: dict, conversations: dict, pairs: dict, world=None) -> dict:
-    """What the final answers are ((task_id, persona_id, conv_id) -> answer, after that conversation, keyed as in
-    `conversations`; `pairs` by (task_id, persona_id)): the share that is no answer
-    at all (a question, a refusal, empty: roles.answer_problem). In the toy world also, over the task's relevant
-    attributes, the share of values the user told that the answer names (`revealed_used`), and the share of
-    attributes for which it names a value the user never told (`hallucinated`, a guess right or wrong)."""
-    problems = [answer_problem(a) for a in answers.values()]
-    result = {"no_answer": sum(p is not None for p in problems) / len(problems),
-              **{f"no_answer_{kind}": sum(p == kind for p in problems) / len(problems)
-                 for kind in ("question", "refusal", "empty")}}
-    if world is not None:
-        use = [world.answer_use(answers[k], conversations[k], pairs[k[:2]]["task"]) for k in sorted(answers)]
-        result["revealed_used"] = sum(u["used"] for u in use) / max(1, sum(u["told"] for u in use))
-        result["hallucinated"] = sum(u["hallucinated"] for u in use) / sum(u["attributes"] for u in use)
-    return result
-
-
-def gold_flags(run_dir) -> dict:
-    """How often the Oracle's gold answer for a test pair was unusable (01_generate.py's check):
-    at first, and still after its retries (those pairs are left out of the evaluation)."""
-    gold = [g for g in read_jsonl(Path(run_dir) / "data" / "gold.jsonl", "gold") if g["split"] == "test"]
-    return {"pairs": len(gold), "first_try": sum(g.get("attempts", 1) > 1 or bool(g.get("flag")) for g in gold) / len(gold),
-            "left_out": sum(bool(g.get("flag")) for g in gold) / len(gold)}
-
-
-def per_pair(records, reduce) -> dict:
-    by_pair = {}
-    for r in records:
-        by_pair.setdefault((r["task_id"], r["persona_id"]), []).append(r["logprob"])
-    return {k: reduce(v) for k, v in by_pair.items()}
-
-
-def paired(new: dict, old: dict, n_boot: int) -> dict:
-    """The mean difference per pair ((task_id, persona_id) -> value), with 95% intervals resampling the pairs
-    (ci95) and the tasks, then their pairs (ci95_cluster)."""
-    diffs = [new[k] - old[k] for k in sorted(old)]
-    return {"mean": sum(diffs) / len(diffs), "ci95": bootstrap_ci(diffs, n_boot),
-            "ci95_cluster": cluster_bootstrap_ci(diffs, [k[:1] for k in sorted(old)], n_boot), "n": len(diffs)}
-
-
-def mean(values) -> float:
-    return sum(values) / len(values)
 
 
 def models_to_evaluate(args) -> list[tuple[str, str, tuple | None]]:
@@ -224,10 +158,6 @@ def as_asked(path: Path, kind: str, keys: list[tuple], records: list[dict]) -> l
     return records
 
 
-def answer_texts(answers) -> dict:
-    return {record_key("answer", a): a["answer"] for a in answers}
-
-
 def controls(scorer, by_pair, m0_convs, args, path: Path) -> list[dict]:
     """Log-prob controls on m0 (Sec. 4.3): no conversation; the persona told outright (an upper bound); and
     m0's conversation with a different persona on the same task (does the conversation carry persona info?)."""
@@ -279,88 +209,6 @@ def judge_both_orders(judge, judge_lm, by_pair, new: dict, old: dict, args, path
                                                       f"{path.parent.name} {path.name}", make))
 
 
-def outcomes(judgments) -> dict:
-    """(task_id, persona_id, conv_id) -> outcome, sorted: agreement of the two orders is a win or a loss,
-    disagreement a tie (report.pair_outcome)."""
-    verdicts = {(r["task_id"], r["persona_id"], r["conv_id"], r["order"]): r["verdict"] for r in judgments}
-    return {k: pair_outcome(verdicts[(*k, "new_first")], verdicts[(*k, "new_second")])
-            for k in sorted({(r["task_id"], r["persona_id"], r["conv_id"]) for r in judgments})}
-
-
-def judged_win_rate(judgments, args) -> dict:
-    """report.win_rate of the comparisons, its interval resampling the tasks, then their pairs (then the pair's
-    conversations, when each was judged)."""
-    judged = outcomes(judgments)
-    return win_rate(list(judged.values()), args.n_bootstrap, args.seed, clusters=[k[:-1] for k in judged])
-
-
-def side_by_side(results, by_pair, n: int) -> list[dict]:
-    """What changed, for the report: the first n test pairs by id (a fixed rule, never picked by hand), with the
-    baseline's and the last model's conversation 0 and final answer after it, and the Judge's verdicts on the two
-    answers. results: model name -> its records, the baseline first."""
-    names = list(results)
-    if len(names) < 2:
-        return []
-    base, last = names[0], names[-1]
-    shown = []
-    for k in sorted(by_pair)[:n]:
-        first = (*k, 0)
-        models = {name: {"messages": next(c["messages"] for c in results[name]["conversations"]
-                                          if record_key("conversation", c) == first),
-                         "answer": answer_texts(results[name]["answers"])[first]} for name in (base, last)}
-        judged = {r["order"]: r for r in results[last]["judgments"] if record_key("judgment", r)[:3] == first}
-        shown.append({"task_id": k[0], "persona_id": k[1], "task": by_pair[k]["task"], "bio": by_pair[k]["bio"],
-                      "models": models, "verdicts": {o: judged[o]["verdict"] for o in ("new_first", "new_second")},
-                      "judge_outputs": {o: judged[o]["output"] for o in ("new_first", "new_second")},
-                      "outcome": pair_outcome(judged["new_first"]["verdict"], judged["new_second"]["verdict"])})
-    return shown
-
-
-def metrics(args, by_pair, models, results, control_scores, judge_name, world) -> dict:
-    """metrics.json: the log-prob controls, the value of a conversation, and per model (by name, with its spec) its
-    gold log-probs, diagnostics, gain over the baseline m0 and win rates. results[name]: the model's records per
-    output file (its name without .jsonl); models: (name, spec, adapter), the baseline first."""
-    m0_means = per_pair(results[models[0][0]]["scores"], mean)
-    no_conv = {(c["task_id"], c["persona_id"]): c["logprob"] for c in control_scores
-               if c["control"] == "no_conversation"}
-    select_args = Path(args.run_dir) / "iter0" / "args_03_select.json"
-    measured = {"run_dir": args.run_dir, "seed": args.seed, "provenance": provenance(),
-                "questioner": models[0][1], "named_models": bool(args.models), "roleplayer": args.roleplayer,
-                "judge": judge_name, "test_pairs": len(by_pair), "n_conversations": args.n_conversations,
-                "judged_per_pair": args.n_conversations if args.judge_all_conversations else 1,
-                "target": json.loads(select_args.read_text())["target"] if select_args.exists() else None,
-                "controls": {name: sum(c["logprob"] for c in control_scores if c["control"] == name) / len(by_pair)
-                             for name in ("no_conversation", "persona_in_context", "other_persona")},
-                "gold_flagged": gold_flags(args.run_dir),
-                "conversation_value": paired(m0_means, no_conv, args.n_bootstrap),
-                "min_detectable_effect": min_detectable_effect([m0_means[k] - no_conv[k] for k in m0_means]),
-                "models": {}}
-    for t, (name, spec, adapter) in enumerate(models):
-        files = results[name]
-        means = per_pair(files["scores"], mean)
-        m = {"spec": spec + (f"+{adapter[0]}" if adapter else ""), "logprob_mean": mean(list(means.values())),
-             "logprob_best": sum(per_pair(files["scores"], max).values()) / len(means),
-             "diagnostics": diagnostics(files["conversations"], by_pair)}
-        if world is not None:  # the toy preset: do the questions ask about what matters for the task?
-            hits = [h for c in files["conversations"]
-                    for h in world.hits(c["messages"], by_pair[(c["task_id"], c["persona_id"])]["task"])]
-            m["diagnostics"]["attribute_hit_rate"] = sum(hits) / max(1, len(hits))
-        dialogues = {record_key("conversation", c): c["messages"] for c in files["conversations"]}
-        m["answers"] = answer_diagnostics(answer_texts(files["answers"]), dialogues, by_pair, world)
-        if t > 0:
-            m["answers_m0"] = answer_diagnostics(answer_texts(files["answers_m0"]), dialogues, by_pair, world)
-            m["gain_over_m0"] = paired(means, m0_means, args.n_bootstrap)
-            m["win_rate"] = judged_win_rate(files["judgments"], args)
-            m["asks_only"] = judged_win_rate(files["judgments_asks_only"], args)
-        measured["models"][name] = m
-    measured["examples"] = side_by_side(results, by_pair, args.n_examples)
-    # How many records of each output file come from a prompt cut to fit the context.
-    written = {"controls.jsonl": control_scores} | {f"{model}/{name}.jsonl": records for model, files in results.items()
-                                                     for name, records in files.items()}
-    measured["truncated"] = {name: sum(r.get("truncated", False) for r in written[name]) for name in sorted(written)}
-    return measured
-
-
 def win_rate_summary(measured: dict) -> str:
     """'m1 53.3, m2 no verdict': each trained model's win rate, rounded as in the report."""
     rates = {name: m["win_rate"]["win_rate"] for name, m in measured["models"].items() if "win_rate" in m}
@@ -368,13 +216,23 @@ def win_rate_summary(measured: dict) -> str:
                      for name, rate in rates.items()) or "-"
 
 
-def report_only(out: Path, ablation_dirs: list[str]):
-    """A finished evaluation's rerun: its metrics stand; with --ablation_dirs the report is written again with them
-    beside it, and otherwise left as it is (an ablation section it has stays)."""
+def ablation_metrics(ablation_dirs: list[str]) -> dict:
+    """Run folder name -> metrics.json of each evaluated ablation run (--ablation_dirs); one not evaluated yet is an
+    error, never left out of the report in silence."""
+    for folder in ablation_dirs:
+        if load_metrics(folder) is None:
+            raise StepError(f"--ablation_dirs {folder}: {Path(folder) / 'eval' / 'metrics.json'}: file not found; "
+                            "evaluate that run first (05_eval.py --run_dir <it> --baseline_dir <this run>)")
+    return {Path(folder).name: load_metrics(folder) for folder in ablation_dirs}
+
+
+def report_only(out: Path, ablations: dict):
+    """A finished evaluation's rerun: its metrics stand; with --ablation_dirs (ablations: their metrics) the report
+    is written again with them beside it, and otherwise left as it is (an ablation section it has stays)."""
     measured = json.loads((out / "metrics.json").read_text())
-    if ablation_dirs:
-        write_report(out, measured, {Path(d).name: load_metrics(d) for d in ablation_dirs if load_metrics(d)})
-    kept = "written again with the ablations beside it" if ablation_dirs else "kept as it was"
+    if ablations:
+        write_report(out, measured, ablations)
+    kept = "written again with the ablations beside it" if ablations else "kept as it was"
     print(f"05_eval: {out} is complete (win rate vs m0 (%): {win_rate_summary(measured)}); report {kept}: "
           f"{out / 'report.md'} (--overwrite evaluates again)")
 
@@ -385,8 +243,9 @@ def main():
     out = Path(args.run_dir) / "eval"
     check_specs(questioner=args.questioner, roleplayer=args.roleplayer, judge=args.judge)
     check_rerun(out / "args_05_eval.json", sorted(out.glob("*")), args.overwrite, args, sim_args, model_args)
+    ablations = ablation_metrics(args.ablation_dirs)  # checked before any work
     if (out / "metrics.json").exists():  # finished: no model is loaded, nothing is recomputed
-        report_only(out, args.ablation_dirs)
+        report_only(out, ablations)
         return
     pairs = sample_test_pairs(args.run_dir, args.test_pairs, args.seed, sim_args)
     by_pair = {(p["task_id"], p["persona_id"]): p for p in pairs}
@@ -426,9 +285,8 @@ def main():
         files["judgments_asks_only"] = judge_both_orders(judge, judge_lm, by_pair, answer_texts(files["answers_m0"]),
                                                          m0_answers, args, folder / "judgments_asks_only.jsonl")
 
-    # 5. Metrics and report.
-    measured = metrics(args, by_pair, models, results, control_scores, judge.name, getattr(roleplayer, "world", None))
-    ablations = {Path(d).name: load_metrics(d) for d in args.ablation_dirs if load_metrics(d)}
+    # 5. Metrics (metrics.py: win rates, log-prob gains, their intervals, diagnostics) and the report (report.py).
+    measured = measure(args, by_pair, models, results, control_scores, judge.name, getattr(roleplayer, "world", None))
     write_json_atomic(out / "metrics.json", measured)
     write_report(out, measured, ablations)
     print(f"05_eval: {len(pairs)} test pairs; win rate vs {models[0][0]} (%): {win_rate_summary(measured)}; "

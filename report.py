@@ -1,12 +1,16 @@
-"""Plumbing for 05_eval.py: evaluation arithmetic (win rates, bootstrap intervals) and the report files.
+"""Plumbing for 05_eval.py: the report files (report.md and two plots) from metrics.json (metrics.py computes it),
+and the README's results tables from several runs' metrics.json (`python report.py RUN ...`).
 
-The paper's numbers (PROTOCOL.md) are kept here so that the report can put ours beside them.
+The paper's published numbers (PAPER, from Andukuri et al. 2024) are kept here so that the report can put ours
+beside them.
 """
 
 import json
-import random
+import os
 import re
 from pathlib import Path
+
+from utils import write_text_atomic
 
 PAPER = {  # Andukuri et al. 2024, test set; the paper's numbers, not ours
     "win_rate": {1: 69.9, 2: 72.2, 3: 65.2},
@@ -16,91 +20,6 @@ PAPER = {  # Andukuri et al. 2024, test set; the paper's numbers, not ours
     "ablations": {"gold": {1: 44.1, 2: 51.8, 3: 54.2}, "none": {1: 25.4, 2: 20.3, 3: 20.5},
                   "mt_asks_m0_answers": {1: 53.8, 2: 53.6, 3: 49.6}},
 }
-
-
-def bootstrap_ci(values: list[float], n_boot: int = 2000, seed: int = 0, level: float = 0.95):
-    """Percentile bootstrap interval of the mean (resampling items with replacement)."""
-    if not values:
-        return [None, None]
-    rng = random.Random(seed)
-    n = len(values)
-    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_boot))
-    lo = means[int((1 - level) / 2 * n_boot)]
-    hi = means[min(n_boot - 1, int((1 + level) / 2 * n_boot))]
-    return [lo, hi]
-
-
-def cluster_bootstrap_ci(values: list[float], clusters: list[tuple], n_boot: int = 2000, seed: int = 0,
-                         level: float = 0.95):
-    """Percentile bootstrap interval of the mean of items that come in nested clusters, outermost first.
-
-    Test pairs are tasks x personas, so two pairs of one task are not independent draws: clusters[i] = (task_id,)
-    resamples the tasks with replacement, then within each drawn task its pairs (a two-stage bootstrap); with
-    several judged conversations per pair, clusters[i] = (task_id, persona_id) goes on to the conversations.
-    Wider than bootstrap_ci when the items of a cluster resemble each other, as it should be."""
-    if not values:
-        return [None, None]
-    tree = {}  # cluster key -> sub-clusters ... -> the items' values
-    for value, path in zip(values, clusters):
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node.setdefault(path[-1], []).append(float(value))
-
-    def as_lists(node):
-        return [as_lists(child) for child in node.values()] if isinstance(node, dict) else node
-
-    def draw(node, rng) -> tuple[float, int]:  # (sum, count) of one resample of this cluster's items
-        picks = [node[rng.randrange(len(node))] for _ in node]
-        if not isinstance(picks[0], list):
-            return sum(picks), len(picks)
-        drawn = [draw(child, rng) for child in picks]
-        return sum(s for s, _ in drawn), sum(n for _, n in drawn)
-
-    root, rng = as_lists(tree), random.Random(seed)
-    means = sorted(s / n for s, n in (draw(root, rng) for _ in range(n_boot)))
-    return [means[int((1 - level) / 2 * n_boot)], means[min(n_boot - 1, int((1 + level) / 2 * n_boot))]]
-
-
-def pair_outcome(verdict_new_first: str | None, verdict_new_second: str | None) -> float | None:
-    """One comparison judged in both orders. Order 1 shows the new model's answer as A, order 2 as B.
-
-    Both verdicts pick the new model: 1 (win); both pick the baseline: 0 (loss); they disagree: 0.5
-    (a tie: the judge followed the position, not the content). None if either verdict is unparseable.
-    """
-    if verdict_new_first is None or verdict_new_second is None:
-        return None
-    new_wins = [verdict_new_first == "A", verdict_new_second == "B"]
-    return 1.0 if all(new_wins) else 0.0 if not any(new_wins) else 0.5
-
-
-def win_rate(outcomes: list[float | None], n_boot: int = 2000, seed: int = 0,
-             clusters: list[tuple] | None = None) -> dict:
-    """Win rate in % (ties count half), its 95% bootstrap interval over the comparisons (ci95), and the judge's
-    order consistency. With each comparison's clusters (cluster_bootstrap_ci) also the interval that resamples
-    those (ci95_cluster), the one that fits a design of tasks x personas."""
-    scored = [o for o in outcomes if o is not None]
-    cluster = {} if clusters is None else {"ci95_cluster": cluster_bootstrap_ci(
-        [100 * o for o in scored], [c for o, c in zip(outcomes, clusters) if o is not None], n_boot, seed)}
-    if not scored:
-        return {"win_rate": None, "ci95": [None, None], **cluster, "n": 0, "unparseable": len(outcomes),
-                "order_consistency": None, "wins": 0, "losses": 0, "ties": 0}
-    ci = bootstrap_ci([100 * o for o in scored], n_boot, seed)
-    return {"win_rate": 100 * sum(scored) / len(scored), "ci95": ci, **cluster, "n": len(scored),
-            "unparseable": len(outcomes) - len(scored),
-            "order_consistency": sum(o != 0.5 for o in scored) / len(scored),
-            "wins": sum(o == 1.0 for o in scored), "losses": sum(o == 0.0 for o in scored),
-            "ties": sum(o == 0.5 for o in scored)}
-
-
-def min_detectable_effect(diffs: list[float]) -> float | None:
-    """Smallest mean difference a paired test of this size detects (5% two-sided, 80% power): 2.8 SD/sqrt(n)."""
-    n = len(diffs)
-    if n < 2:
-        return None
-    mean = sum(diffs) / n
-    sd = (sum((d - mean) ** 2 for d in diffs) / (n - 1)) ** 0.5
-    return 2.8 * sd / n ** 0.5
 
 
 def fmt(value, digits=1):
@@ -144,7 +63,7 @@ OUTCOME = {1.0: "wins", 0.5: "ties", 0.0: "loses", None: "unparseable"}
 
 
 def examples_section(metrics: dict) -> list[str]:
-    """The report's side-by-side examples (05_eval.side_by_side): per test pair, the two models' conversation 0 turn
+    """The report's side-by-side examples (metrics.side_by_side): per test pair, the two models' conversation 0 turn
     by turn, their final answers, and the Judge's verdicts on them."""
     if not metrics.get("examples"):
         return []
@@ -197,8 +116,8 @@ def write_report(folder: Path, metrics: dict, ablations: dict[str, dict]):
     scripted = str(metrics["judge"]).startswith("scripted:")
     lines += ["", "Order consistency: the share of pairs decided alike in both orders (a win or a loss); a tie lowers "
               "it, whether the answers were equally good or the Judge contradicted itself"
-              + (". The scripted Judge never depends on the order: all its ties are answers it scores equal." if scripted
-                 else "."),
+              + (". The scripted Judge never depends on the order: all its ties are answers it scores equal."
+                 if scripted else "."),
               "", "## Gold-response log-prob (summed, scored by Q_BASE)", "",
               "| model | mean of N | best of N | m_t - m0 (per pair, mean of N) | 95% CI (tasks, then pairs) "
               "| 95% CI, pairs alone | *paper mean* | *paper best* |", "|---|---|---|---|---|---|---|---|"]
@@ -211,7 +130,8 @@ def write_report(folder: Path, metrics: dict, ablations: dict[str, dict]):
                      f"| *{fmt(paper('logprob_best', model))}* |")
     c = metrics["controls"]
     lines += ["", "| control (m0) | ours | *paper* |", "|---|---|---|"]
-    for key, label in (("no_conversation", "no conversation"), ("persona_in_context", "persona in context (upper bound)"),
+    for key, label in (("no_conversation", "no conversation"),
+                       ("persona_in_context", "persona in context (upper bound)"),
                        ("other_persona", "conversation from a different persona")):
         lines.append(f"| {label} | {fmt(c[key])} | *{fmt(PAPER['controls'][key])}* |")
     v = metrics["conversation_value"]
@@ -225,12 +145,13 @@ def write_report(folder: Path, metrics: dict, ablations: dict[str, dict]):
                   f"(left out) of {g['pairs']}.", ""]
     lines += ["## Questions asked (diagnostics)", "",
               "| model | questions / conversation | question share of turns | words per question "
-              "| answered instead of asking | Roleplayer leaked persona | empty turns |", "|---|---|---|---|---|---|---|"]
+              "| answered instead of asking | Roleplayer leaked persona | empty turns |",
+              "|---|---|---|---|---|---|---|"]
     for model in models:
         q = metrics["models"][model]["diagnostics"]
         lines.append(f"| {model} | {fmt(q['questions_per_conversation'], 2)} | {fmt(q['question_rate'], 2)} "
-                     f"| {fmt(q['words_per_question'])} | {fmt(q['answered_instead'], 2)} | {fmt(q['persona_leak'], 2)} "
-                     f"| {q['empty_turns']} |")
+                     f"| {fmt(q['words_per_question'])} | {fmt(q['answered_instead'], 2)} "
+                     f"| {fmt(q['persona_leak'], 2)} | {q['empty_turns']} |")
     if "attribute_hit_rate" in metrics["models"][models[0]]["diagnostics"]:  # the toy preset's scripted world
         lines += ["", "Toy world: share of Questioner turns that ask about an attribute the task depends on: "
                   + ", ".join(f"{model} {fmt(metrics['models'][model]['diagnostics']['attribute_hit_rate'], 2)}"
@@ -275,7 +196,7 @@ def write_report(folder: Path, metrics: dict, ablations: dict[str, dict]):
             lines.append(f"| {name} (target {target}) | " + " | ".join(wins + gains + answers) + f" | *{numbers}* |")
     lines += examples_section(metrics)
     lines += ["", "![win rate](winrate.png)", "", "![gold log-prob](logprob.png)", ""]
-    (folder / "report.md").write_text("\n".join(lines))
+    write_text_atomic(folder / "report.md", "\n".join(lines))
     plot(folder, metrics, models)
 
 
@@ -298,7 +219,7 @@ def plot(folder: Path, metrics: dict, models: list[str]):
     ax.set(xlabel="model", ylabel="win rate vs m0 (%)", ylim=(0, 100), xticks=ts, xticklabels=models[1:])
     ax.legend()
     fig.tight_layout()
-    fig.savefig(folder / "winrate.png", dpi=120)
+    save_figure(fig, folder / "winrate.png")
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -310,8 +231,15 @@ def plot(folder: Path, metrics: dict, models: list[str]):
     ax.set(xlabel="model m_t", ylabel="gold log-prob (nats)", xticks=range(len(models)), xticklabels=models)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(folder / "logprob.png", dpi=120)
+    save_figure(fig, folder / "logprob.png")
     plt.close(fig)
+
+
+def save_figure(fig, path: Path):
+    """fig as a PNG file written beside, then renamed (as utils' atomic writes): never half a plot."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=120)
+    os.replace(tmp, path)
 
 
 def load_metrics(run_dir) -> dict | None:
@@ -422,7 +350,7 @@ def main():
     if TABLE_BEGIN not in text or TABLE_END not in text:
         raise SystemExit(f"error: {args.readme}: no {TABLE_BEGIN} ... {TABLE_END} block to write the tables into")
     head, rest = text.split(TABLE_BEGIN, 1)
-    Path(args.readme).write_text(head + TABLE_BEGIN + "\n" + table + TABLE_END + rest.split(TABLE_END, 1)[1])
+    write_text_atomic(args.readme, head + TABLE_BEGIN + "\n" + table + TABLE_END + rest.split(TABLE_END, 1)[1])
 
 
 if __name__ == "__main__":

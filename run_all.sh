@@ -9,7 +9,8 @@
 #                                    # show the effect
 #   bash run_all.sh laptop           # Mistral-7B-Instruct in 4-bit on one GPU
 #   bash run_all.sh paper            # the paper's sizes and models
-#   bash run_all.sh toy --ablations  # also the paper's two ablations, in runs/<preset>-gold, -none
+#   bash run_all.sh toy --ablations  # also the paper's two ablations, in runs/<preset>-gold, -none (--ablations
+#                                    # may come first too)
 #   ORIGINAL=<folder or URL prefix> bash run_all.sh released   # no training: the authors' released m1 and m2 beside
 #                                    # m0 on the paper's own test split (the original release's files), as in paper
 #
@@ -32,11 +33,16 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-PRESET="${1:-toy}"
-ABLATIONS="${2:-}"
-if [ $# -gt 2 ] || { [ -n "$ABLATIONS" ] && [ "$ABLATIONS" != "--ablations" ]; }; then
-  echo "error: unknown argument '${*:2}': bash run_all.sh [preset] [--ablations]" >&2; exit 2
-fi
+PRESET=""; ABLATIONS=""
+for arg in "$@"; do  # a preset and --ablations, in either order
+  case "$arg" in
+    --ablations) ABLATIONS="--ablations" ;;
+    *) [ -z "$PRESET" ] && [ "${arg#-}" = "$arg" ] || {
+         echo "error: unknown argument '$arg': bash run_all.sh [preset] [--ablations]" >&2; exit 2; }
+       PRESET="$arg" ;;
+  esac
+done
+PRESET="${PRESET:-toy}"
 OVERWRITE_FLAG=""; [ -z "${OVERWRITE:-}" ] || [ "$OVERWRITE" = 0 ] || OVERWRITE_FLAG="--overwrite"
 CACHE_DIR="${CACHE_DIR:-cache}"
 START=$SECONDS

@@ -1,19 +1,211 @@
-"""The requests to an OpenAI-compatible server that go beyond chat: serving a LoRA adapter by name, and reading the
-log-probs of a prompt's tokens. Everything here that is specific to one server is in this file.
+"""Models on an OpenAI-compatible server: a role played there (OpenAIChat, with the client's errors made clear), and
+Q_BASE's scores computed there (ServerScorer, with our own tokenizer: --tokenizer, and a cache on disk); then the
+requests that go beyond chat: serving a LoRA adapter by name, and reading the log-probs of a prompt's tokens.
+Everything here that is specific to one server is in this file; docs/CLUSTER.md shows the commands.
 
 Two servers are covered (docs/CLUSTER.md says which parts were tested on which):
     vLLM                       LoRA adapters registered at run time, token-id prompts, `prompt_logprobs`
     llama.cpp's Python server  adapters named in its --config_file, text prompts, `echo` + `logprobs`
-Plumbing only: the caller (models.ServerScorer, ModelPool.chat) owns the tokenizer, the cache and the retries.
 """
 
+import concurrent.futures
+import contextlib
 import hashlib
 import json
+import os
 import re
+import threading
 import urllib.request
 from pathlib import Path
 
-from utils import StepError
+from tqdm.auto import tqdm
+
+from chat_format import encode_chat, fit_scored, normalise_messages, template_accepts_system
+from specs import parse_spec
+from utils import StepError, append_jsonl, read_partial
+
+
+# --- A role on a server -------------------------------------------------------------------------------
+
+class OpenAIChat:
+    """A role played by a model behind an OpenAI-compatible chat API.
+
+    The messages reach the server as they reach a local model's chat template (normalise_messages: turns of one
+    role in a row merged, and the system message folded into the first user turn when system_ok is False), so a
+    role played on a server sees exactly the turns it would see locally; the server applies its template to them.
+    The openai client retries 429 (honouring Retry-After), 5xx, timeouts and dropped connections with
+    exponential backoff; permanent errors (bad key, unknown model) fail at once with a clear message.
+    """
+
+    def __init__(self, model, base_url=None, timeout=120.0, max_retries=None, concurrency=8, system_ok=True):
+        import openai
+
+        key = os.environ.get("OPENAI_API_KEY")
+        if not key:
+            raise StepError(f"openai:{model} needs an API key in the environment variable OPENAI_API_KEY "
+                            "(any non-empty value for a local server that checks none)")
+        self.base_url = base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+        retries = os.environ.get("STARGATE_MAX_RETRIES", "8") if max_retries is None else str(max_retries)
+        if not retries.isdigit():
+            raise StepError(f"STARGATE_MAX_RETRIES must be a whole number (got {retries!r})")
+        retries = int(retries)
+        self.client = openai.OpenAI(api_key=key, base_url=self.base_url, timeout=timeout, max_retries=retries)
+        self.model, self.concurrency, self.name, self.system_ok = model, concurrency, f"openai:{model}", system_ok
+        self.cache_id = f"{self.name}@{self.base_url}"  # the same model name on two servers is two models
+        self.openai = openai
+
+    def one(self, messages, max_new_tokens, temperature, top_p, seed):
+        with self.errors(max_new_tokens):
+            reply = self.client.chat.completions.create(
+                model=self.model, messages=normalise_messages(messages, self.system_ok), max_tokens=max_new_tokens,
+                temperature=temperature, top_p=top_p, seed=seed)
+        return reply.choices[0].message.content or ""
+
+    @contextlib.contextmanager
+    def errors(self, max_new_tokens=None):
+        """Turn the openai client's errors (after its retries) into one clear StepError each."""
+        openai = self.openai
+        try:
+            yield
+        except openai.AuthenticationError:
+            raise StepError(f"{self.base_url} rejected the API key in OPENAI_API_KEY (401)") from None
+        except openai.NotFoundError:
+            raise StepError(f"{self.base_url} does not know the model {self.model!r} (404)") from None
+        except openai.APITimeoutError:
+            raise StepError(f"{self.base_url} did not answer within {self.client.timeout} s, "
+                            f"{self.client.max_retries + 1} times; is the server overloaded?") from None
+        except openai.APIConnectionError:
+            raise StepError(f"cannot reach the OpenAI-compatible server at {self.base_url} "
+                            "(set OPENAI_BASE_URL or openai:<model>@<url>)") from None
+        except openai.APIStatusError as error:
+            # OpenAI, vLLM and llama.cpp refuse a request longer than the model's context with a 400
+            # (code context_length_exceeded): nothing is cut on a server, so say which settings to change.
+            if error.status_code == 400 and (error.code == "context_length_exceeded"
+                                             or "context length" in str(error).lower()):
+                detail = error.body.get("message") if isinstance(error.body, dict) else str(error)
+                raise StepError(f"{self.base_url}: a prompt plus max_tokens={max_new_tokens} does not fit the context "
+                                f"of {self.name} ({str(detail)[:200]}); lower the step's *_max_tokens setting or "
+                                "give the server a longer context (llama.cpp --n_ctx, vLLM --max-model-len)") from None
+            raise StepError(f"{self.base_url} answered {error.status_code}: {str(error)[:200]}") from None
+
+    def generate(self, prompts, max_new_tokens=128, temperature=0.0, top_p=1.0, seed=0, batch_size=16,
+                 desc=None, seeds=None, on_result=None):
+        """Concurrent requests; request i is seeded with seeds[i] (default seed + i).
+        on_result(i, text) fires as each request ends."""
+        seeds = seeds or [seed + i for i in range(len(prompts))]
+        return call_concurrently(self.one, [(p, max_new_tokens, temperature, top_p, s) for p, s in zip(prompts, seeds)],
+                                 self.concurrency, desc, on_result)
+
+
+def call_concurrently(call, jobs: list[tuple], concurrency: int, desc=None, on_result=None) -> list:
+    """[call(*job) for job in jobs], run on `concurrency` threads; on_result(i, result) fires as job i ends.
+    After a failure no new job starts, the answers that still arrive are kept (on_result: they are paid for),
+    and then the first error is raised."""
+    outputs, errors = [None] * len(jobs), []
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        futures = {pool.submit(call, *job): i for i, job in enumerate(jobs)}
+        for future in tqdm(concurrent.futures.as_completed(futures), total=len(futures), desc=desc,
+                           leave=False, disable=desc is None):
+            if future.cancelled():
+                continue
+            if future.exception() is not None:  # stop sending, but keep what is already paid for
+                errors.append(future.exception())
+                for other in futures:
+                    other.cancel()
+                continue
+            i = futures[future]
+            outputs[i] = future.result()
+            if on_result:
+                on_result(i, outputs[i])
+    if errors:
+        raise errors[0]
+    return outputs
+
+
+# --- Q_BASE's scores on a server ----------------------------------------------------------------------
+
+class ServerScorer:
+    """Q_BASE's score of a response (LocalLM.score) computed by an OpenAI-compatible server.
+
+    The prompt and response are encoded by OUR tokenizer and chat template (encode_chat) and cut to fit as
+    LocalLM cuts them (fit_scored; one token short of the context, for the one token the server generates), so the
+    server scores exactly the tokens local scoring would (at a context one token longer); the server
+    returns each prompt token's log-prob (server.scoring_request) and the response's are summed. vLLM takes the
+    token ids; llama.cpp's Python server takes text only (its prompt is a string), so it gets the text of our ids
+    and the tokens it echoes are compared with ours. Every call is cached on disk, keyed by the server's model
+    and the token ids, and retried as the other openai: calls are (OpenAIChat).
+    """
+
+    def __init__(self, spec, tokenizer, context_length: int | None, cache_dir="cache", concurrency=8):
+        """tokenizer, context_length: of the model the server serves (local_models.load_tokenizer: --tokenizer)."""
+        _, name, base_url = parse_spec(spec)
+        self.tokenizer, self.context_length = tokenizer, context_length
+        self.server = OpenAIChat(name, base_url)
+        self.spec, self.system_ok, self.concurrency = spec, template_accepts_system(self.tokenizer), concurrency
+        self.token_ids = None  # whether the server takes prompts as token ids (asked before the first request)
+        self.path = Path(cache_dir) / "scorer_calls.jsonl"
+        self.done = {r["key"]: r["logprob"] for r in read_partial(self.path, None)} if self.path.exists() else {}
+        self.lock = threading.Lock()
+
+    def score(self, prompts, responses, adapter=None, batch_size=8, desc=None):
+        """(logprob, n_tokens, truncated) of each response after its prompt, as LocalLM.score returns them."""
+        if adapter is not None:
+            raise StepError("a server scores with the base model only (Q_BASE)")
+        # The server generates one token after the prompt (scoring_request), which must fit the context too.
+        room = self.context_length - 1 if self.context_length else None
+        pairs = [fit_scored(*encode_chat(self.tokenizer, p, r, self.system_ok), room)
+                 for p, r in zip(prompts, responses)]
+        keys = [hashlib.sha256(json.dumps([self.server.cache_id, p, r]).encode()).hexdigest() for p, r, _ in pairs]
+        todo = list({k: i for i, k in enumerate(keys) if k not in self.done}.values())  # each new call once
+        if todo and self.token_ids is None:
+            with self.server.errors():
+                self.token_ids = takes_token_ids(self.server.client)
+            if self.token_ids and prefix_caching_on(self.server.client):
+                raise StepError(f"{self.server.base_url} caches prompt prefixes, and then a prompt's log-probs can "
+                                "depend on the requests scored before it (vLLM issue 42019): restart vLLM with "
+                                "--no-enable-prefix-caching to score there (docs/CLUSTER.md)")
+        call_concurrently(self.one, [pairs[i][:2] for i in todo], self.concurrency, desc,
+                          on_result=lambda j, logprob: self.remember(keys[todo[j]], logprob))
+        return [(self.done[k], len(r), cut) for k, (_, r, cut) in zip(keys, pairs)]
+
+    def remember(self, key, logprob):
+        with self.lock:
+            self.done[key] = logprob
+            append_jsonl(self.path, [{"key": key, "logprob": logprob}])
+
+    def one(self, prompt_ids, response_ids) -> float:
+        """The summed log-prob of response_ids after prompt_ids, from one request."""
+        ids = prompt_ids + response_ids
+        if not self.token_ids and ids[0] != self.tokenizer.bos_token_id:
+            # llama-cpp-python pairs the echoed token i with the log-probs computed after token i, and shifts them
+            # back into place by dropping the first token only when it is BOS: otherwise every value is one off.
+            raise StepError(f"{self.server.base_url} takes text prompts (llama.cpp), whose echoed log-probs are right "
+                            "only for prompts that begin with the BOS token, and this chat template's do not; "
+                            "score on vLLM, or locally")
+        with self.server.errors(1):
+            reply = self.request(ids if self.token_ids else self.tokenizer.decode(ids))
+        logprobs, texts = prompt_tail(reply, ids, len(response_ids))
+        if texts is not None:
+            self.check_tokens(response_ids, texts)
+        return float(sum(logprobs))
+
+    def request(self, prompt) -> dict:
+        body = scoring_request(prompt)
+        extra = {"prompt_logprobs": body.pop("prompt_logprobs")} if "prompt_logprobs" in body else None  # vLLM's own
+        return self.server.client.completions.create(model=self.server.model, **body, extra_body=extra).model_dump()
+
+    def check_tokens(self, ids, texts):
+        """The server tokenized our text as our tokenizer did: each scored token reads the same. Special tokens
+        (llama.cpp writes them as '') and pieces of a multi-byte character are not compared."""
+        special = set(self.tokenizer.all_special_ids)
+        for token, text in zip(ids, texts):
+            ours = self.tokenizer.decode([token])
+            if token not in special and "\ufffd" not in ours and text != ours:
+                raise StepError(f"{self.server.base_url} tokenizes differently from --tokenizer: it read {text!r} "
+                                f"where ours has {ours!r}; set --tokenizer to the model the server serves")
+
+
+# --- Requests beyond chat: adapters by name, prompt log-probs -----------------------------------------
 
 
 def adapter_served_name(name: str, path) -> str:

@@ -28,7 +28,6 @@ nothing about what to ask (the question rates before and after are in docs/EXPER
     python toy_base.py --out cache/toy-base
 """
 
-import importlib
 import json
 import os
 import random
@@ -37,10 +36,12 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from models import ModelPool, load_local
 import roles
+from local_models import load_local
+from models import ModelPool
 from roles import answer_view, questioner_view, roleplayer_view
 from scripted import mentions
+from stargate import cut_at_question  # one question per turn, as in 02
 from utils import (StepError, check_rerun, parse_args, read_jsonl, record_args, run_main, seed_everything,
                    stable_hash, write_json_atomic, write_jsonl_atomic)
 
@@ -50,7 +51,6 @@ TOLD_ANSWERS = ["Keeping in mind what you told me ({values}), I suggest {suggest
                 "Since you mentioned {values}, I would recommend {suggestion}."]
 GENERAL_ANSWERS = ["I suggest {suggestion}.", "My advice is {suggestion}.", "I would recommend {suggestion}."]
 ROOT = Path(__file__).resolve().parent
-cut_at_question = importlib.import_module("02_simulate").cut_at_question  # one question per turn, as in 02
 # The Questioner's view the model is warmed up in: a model warmed up in another view is another model.
 VIEW = stable_hash(roles.QUESTIONER_SYSTEM, roles.QUESTIONER_EXAMPLES, roles.NEXT_QUESTION, roles.FINAL_ANSWER_PROMPT)
 
@@ -158,10 +158,11 @@ def main():
     write_jsonl_atomic(build / "iter0" / "sft.jsonl", records)
 
     # Train a LoRA adapter on them with 04_train.py (the same code as every STaR-GATE iteration).
-    command = [sys.executable, str(ROOT / "04_train.py"), "--run_dir", str(build), "--iteration", "0", "--questioner", "embedded",
-               "--cache_dir", args.cache_dir, "--dtype", args.dtype, "--learning_rate", str(args.learning_rate),
-               "--epochs", str(args.epochs), "--batch_size", "1", "--grad_accum", "4", "--lora_r", str(args.lora_r),
-               "--lora_dropout", "0", "--no_gradient_checkpointing", "--load_in_4bit", "no", "--seed", str(args.seed)]
+    command = [sys.executable, str(ROOT / "04_train.py"), "--run_dir", str(build), "--iteration", "0",
+               "--questioner", "embedded", "--cache_dir", args.cache_dir, "--dtype", args.dtype,
+               "--learning_rate", str(args.learning_rate), "--epochs", str(args.epochs), "--batch_size", "1",
+               "--grad_accum", "4", "--lora_r", str(args.lora_r), "--lora_dropout", "0", "--no_gradient_checkpointing",
+               "--load_in_4bit", "no", "--seed", str(args.seed)]
     if subprocess.run(command).returncode != 0:
         raise StepError("toy_base: 04_train.py failed on the warm-up records (its error is above)")
 

@@ -1,7 +1,7 @@
 """Plumbing shared by the numbered steps: errors, arguments, seeding, JSONL records.
 
 Nothing here is a STaR-GATE decision; those live in the steps (and the role prompts in `roles.py`).
-Model loading, generation and scoring are in `models.py`.
+Model loading, generation and scoring are in `local_models.py`, `server.py` and `models.py`.
 """
 
 import argparse
@@ -359,14 +359,6 @@ def pending_chunks(items: list, keys: list, done: set, size: int, desc: str):
         chunk_keys = keys[index:index + size]
         if not all(k in done for k in chunk_keys):
             yield index // size, items[index:index + size], chunk_keys
-
-
-# --- Run layout ---------------------------------------------------------------------------------------
-
-def questioner_adapter(run_dir, t: int):
-    """Q_t is Q_BASE plus the LoRA adapter 04_train.py wrote at iteration t-1 (none at t = 0).
-    Returns (adapter name, folder) or None."""
-    return None if t == 0 else (f"m{t}", Path(run_dir) / f"iter{t - 1}" / "adapter")
 
 
 def resumable(final: Path, kind: str, items: list, keys: list, size: int, desc: str, make_records):

@@ -14,7 +14,6 @@ that ask about an attribute the task depends on (05's question_rate and attribut
 Local models compute as the steps do (--dtype auto). Prints one block; --json writes the numbers.
 """
 import argparse
-import importlib
 import json
 import random
 import sys
@@ -25,9 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from models import ModelPool  # noqa: E402
 from roles import answer_problem, answer_view, roleplayer_view  # noqa: E402
+from stargate import simulate  # noqa: E402  (the dialogue loop of the steps)
 from utils import read_jsonl  # noqa: E402
 
-simulate = importlib.import_module("02_simulate").simulate  # the dialogue loop of the steps
 
 VAGUE_QUESTION = "Is there anything else I should know?"
 
@@ -102,7 +101,8 @@ def main():
     results["all"] = {"used": sum(u["used"] for u in all_use) / sum(u["told"] for u in all_use),
                       "hallucinated": sum(u["hallucinated"] for u in all_use) / sum(u["attributes"] for u in all_use),
                       "no_answer": sum(answer_problem(a) is not None for a in answers) / len(answers),
-                      "kinds": {k: sum(answer_problem(a) == k for a in answers) for k in ("question", "refusal", "empty")}}
+                      "kinds": {k: sum(answer_problem(a) == k for a in answers)
+                                for k in ("question", "refusal", "empty")}}
 
     # Part 2: the model as Questioner against the scripted Roleplayer.
     rng = random.Random(args.seed + 1)

@@ -27,7 +27,6 @@ Timings are wall clock: other processes on the machine slow them (the load avera
 """
 
 import argparse
-import importlib
 import json
 import os
 import re
@@ -42,10 +41,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from models import LocalChat, LocalLM, ModelPool, encode_chat, encode_for_training  # noqa: E402
+from chat_format import encode_chat, encode_for_training  # noqa: E402
+from local_models import LocalChat, LocalLM  # noqa: E402
+from models import ModelPool  # noqa: E402
 from roles import answer_view  # noqa: E402
+from stargate import simulate  # noqa: E402  (the dialogue loop of the steps)
+from training import labelled_loss  # noqa: E402
 
-simulate = importlib.import_module("02_simulate").simulate  # the dialogue loop of the steps
 
 
 def matmul_gflops(dtype, n=2048, repeats=8):
@@ -109,7 +111,8 @@ class NaiveChat:
         for i, p in enumerate(prompts):
             ids, _ = encode_chat(self.lm.tokenizer, p, system_ok=self.lm.system_ok)
             torch.manual_seed(seed + i)
-            sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature else {"do_sample": False}
+            sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature
+                        else {"do_sample": False})
             new = self.lm.model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens,
                                          pad_token_id=self.lm.tokenizer.pad_token_id, **sampling)[0, len(ids):]
             out.append(self.lm.tokenizer.decode(new, skip_special_tokens=True).strip())
@@ -167,8 +170,8 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         adapted = LocalLM("embedded", args.cache_dir, dtype=args.dtype)
-        get_peft_model(LocalLM("embedded", args.cache_dir, dtype=args.dtype).model,
-                       LoraConfig(r=8, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")).save_pretrained(tmp)
+        lora = LoraConfig(r=8, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+        get_peft_model(LocalLM("embedded", args.cache_dir, dtype=args.dtype).model, lora).save_pretrained(tmp)
         adapted.add_adapter("m1", tmp)
         rows.append(time_simulation("simulation, ours, Questioner + adapter", LocalChat(adapted, "m1"),
                                     LocalChat(adapted, None), batch, lm, gen, infer_limit))
@@ -179,7 +182,8 @@ def main():
     try:
         from llama_server import gguf_path, llama_server
 
-        with tempfile.TemporaryDirectory() as tmp, llama_server(gguf_path(), Path(tmp) / "log", n_threads=os.cpu_count()) as url:
+        with (tempfile.TemporaryDirectory() as tmp,
+              llama_server(gguf_path(), Path(tmp) / "log", n_threads=os.cpu_count()) as url):
             os.environ.setdefault("OPENAI_API_KEY", "none")  # the local server checks no key
             remote = pool.chat(f"openai:smollm@{url}")
             rows.append(time_simulation("simulation, openai: -> llama.cpp", remote, remote, batch, lm, gen,
@@ -204,12 +208,13 @@ def main():
 
     # 3. Training: LoRA (r 8, all linear layers) as 04_train.py's presets train: batch 1, 4 sequences per
     # AdamW update, 04's loss (logits only where a labelled token is predicted), no LoRA dropout.
-    labelled_loss = importlib.import_module("04_train").labelled_loss
     train_lm = LocalLM("embedded", args.cache_dir, dtype=args.dtype)
-    model = get_peft_model(train_lm.model, LoraConfig(r=8, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(train_lm.model,
+                           LoraConfig(r=8, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    records = [encode_for_training(lm.tokenizer, c + [{"role": "assistant", "content": g[:300], "train": True}], lm.system_ok)
+    records = [encode_for_training(lm.tokenizer, c + [{"role": "assistant", "content": g[:300], "train": True}],
+                                   lm.system_ok)
                for c, g in zip(contexts[:12], golds[:12])]
     seen = trained = 0
     for step, (ids, labels) in enumerate(records):
@@ -241,14 +246,16 @@ def main():
             parent = ("import resource, subprocess; subprocess.run(['bash', 'run_all.sh', 'tiny'], check=True); "
                       "print('children peak', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
             start = time.perf_counter()
-            done = subprocess.run([sys.executable, "-c", parent], cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+            done = subprocess.run([sys.executable, "-c", parent], cwd=ROOT, env=env, check=True, capture_output=True,
+                                  text=True)
             wall = time.perf_counter() - start
             print("\nend to end, per step:")
             for line in done.stdout.splitlines():
                 if re.match(r"\S+: \d+ s, peak memory", line):
                     print("  " + line)
             peak = int(done.stdout.split("children peak")[-1]) / (1024 if sys.platform == "darwin" else 1) / 1024 ** 2
-            print(f"end to end: bash run_all.sh (tiny) {wall / 60:.1f} min, peak resident memory of a step {peak:.2f} GB")
+            print(f"end to end: bash run_all.sh (tiny) {wall / 60:.1f} min, "
+                  f"peak resident memory of a step {peak:.2f} GB")
 
     useful = {label: rate for label, rate, _, _, _ in rows}
     ours = useful["simulation, ours (prefixes reused)"]

@@ -29,8 +29,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from chat_format import encode_chat  # noqa: E402
 from decoding import generate_batch  # noqa: E402
-from models import LocalLM, encode_chat  # noqa: E402
+from local_models import LocalLM  # noqa: E402
 
 
 def build_prompts(lm, n):
@@ -152,7 +153,7 @@ def main():
         print(f"  {name}: {useful} useful tokens in {seconds:.1f} s = {useful / seconds:.1f} tok/s "
               f"(load {os.getloadavg()[0]:.1f})", flush=True)
 
-    print(f"\n| method | prompts | useful tokens | row-steps decoded | wall s | useful tok/s | CPU s |")
+    print("\n| method | prompts | useful tokens | row-steps decoded | wall s | useful tok/s | CPU s |")
     print("|---|---|---|---|---|---|---|")
     for name, n, useful, row_steps, seconds, cpu in rows:
         print(f"| {name} | {n} | {useful} | {row_steps} | {seconds:.1f} | {useful / seconds:.1f} | {cpu:.1f} |")

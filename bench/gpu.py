@@ -8,7 +8,7 @@ the embedded model; each beside its planned peak (bench/memory_plan.py). One tab
     python bench/memory_plan.py --measured results.json   # the README's memory plan with these peaks beside
 
 What runs is what the steps run, at the laptop preset's sizes (memory_plan.PRESETS["laptop"]: run_all.sh's
-flags over the steps' defaults): models.LocalLM.generate and .score (decoding.py) on prompts that roles.py
+flags over the steps' defaults): local_models.LocalLM.generate and .score (decoding.py) on prompts that roles.py
 renders at their longest (memory_plan.heavy_calls: the last turn of three, every generated text at its cap,
 personas at 250 tokens), and one training step as 04_train.py takes it (prepare_model_for_kbit_training with
 gradient checkpointing, LoRA r 16 on every linear layer, labelled_loss, AdamW; bf16 autocast on a GPU as
@@ -34,7 +34,6 @@ sizes (TINY), and memory is not measured.
 
 import argparse
 import dataclasses
-import importlib
 import importlib.util
 import json
 import sys
@@ -49,10 +48,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
 from memory_plan import (GIB, MISTRAL, PRESETS, SMOL, Shape, bnb_config, call_size, call_terms,  # noqa: E402
                          heavy_calls, model_config, size)
 from mistral_standin import MISTRAL_7B_INSTRUCT_V02, STANDIN_SIZES, standin_tokenizer  # noqa: E402
-from models import LocalLM, embedded_model_dir, encode_chat, encode_for_training, template_accepts_system  # noqa: E402
+from chat_format import encode_chat, encode_for_training, template_accepts_system  # noqa: E402
+from local_models import LocalLM, embedded_model_dir  # noqa: E402
+from training import PadCollator, labelled_loss  # noqa: E402  (04's: the training step measured is 04's)
 from utils import StepError, run_main  # noqa: E402
 
-train_step = importlib.import_module("04_train")  # its loss and collator: the training step measured is 04's
 
 # The calls measured (memory_plan.heavy_calls' names); 01 and 03 make the same calls with smaller batches.
 MEASURED = ["02 questions, turn 3", "02 answers, turn 3", "05 final answers", "05 judge", "05 gold log-probs",
@@ -65,7 +65,7 @@ TINY = dict(simulate_batch_size=2, eval_batch_size=2, question_max_tokens=8, ans
 
 
 def random_4bit_model(config, device):
-    """A causal LM of this config with random weights, quantized as models.load_local quantizes (bitsandbytes
+    """A causal LM of this config with random weights, quantized as local_models.load_local quantizes (bitsandbytes
     NF4, double quantization, bf16 compute; transformers' own quantizer chooses the layers), the other weights
     in bf16 as in Mistral's checkpoint. Built on the meta device; each 4-bit weight is drawn in bf16 on the
     device and quantized there before the next is drawn."""
@@ -147,7 +147,7 @@ def run_training(lm: LocalLM, call: dict, p, quantized: bool, device):
     the second step, loss). The first step allocates the optimizer's moments; the peak covers both."""
     model = training_model(lm, p, quantized)
     rows = [encode_for_training(lm.tokenizer, r, template_accepts_system(lm.tokenizer)) for r in call["records"]]
-    batch = train_step.PadCollator(lm.tokenizer.pad_token_id)(
+    batch = PadCollator(lm.tokenizer.pad_token_id)(
         [{"input_ids": ids[:p.max_length], "labels": labels[:p.max_length]} for ids, labels in rows])
     batch = {k: v.to(device) for k, v in batch.items()}
     if not (batch["labels"] != -100).any():
@@ -156,7 +156,7 @@ def run_training(lm: LocalLM, call: dict, p, quantized: bool, device):
     for _ in range(2):
         start = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):  # Trainer(bf16=True)
-            loss, _ = train_step.labelled_loss(model, batch)
+            loss, _ = labelled_loss(model, batch)
         loss = loss / (batch["labels"][:, 1:] != -100).sum()
         loss.backward()
         optimizer.step()
@@ -252,7 +252,8 @@ def main():
 
     rows = []
     if "mistral" in args.models:
-        config = model_config(("mistral", {**MISTRAL_7B_INSTRUCT_V02, **(STANDIN_SIZES if args.shape == "tiny" else {})}))
+        sizes = STANDIN_SIZES if args.shape == "tiny" else {}
+        config = model_config(("mistral", {**MISTRAL_7B_INSTRUCT_V02, **sizes}))
         model, tokenizer = random_4bit_model(config, device), standin_tokenizer(embedded)
         tokenizer.pad_token = tokenizer.eos_token  # as load_local does: Mistral's tokenizer has no pad token
         lm = LocalLM(f"random:{MISTRAL}", loaded=(model, tokenizer))
@@ -261,7 +262,7 @@ def main():
         del lm, model
         reset(device)
     if "embedded" in args.models:
-        # As the steps load it (--load_in_4bit auto): unquantized, on a GPU too (models.want_4bit).
+        # As the steps load it (--load_in_4bit auto): unquantized, on a GPU too (local_models.want_4bit).
         lm = LocalLM("embedded", args.cache_dir, load_in_4bit="auto")
         quantized = bool(getattr(lm.model, "is_loaded_in_4bit", False))
         rows += bench_model(SMOL + (", NF4" if quantized else f", {lm.model.dtype}") + ("" if cuda else ", CPU"), lm,

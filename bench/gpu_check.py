@@ -7,10 +7,10 @@ next one run.
     python bench/gpu_check.py --out check.json --tiny       # the same code on the CPU at tiny sizes (the tests)
 
 Stages (--stages picks some):
-  environment   versions, the device, and what models.py decides there: dtype (resolve_dtype), 4-bit or not
+  environment   versions, the device, and what local_models.py decides there: dtype (resolve_dtype), 4-bit or not
                 (want_4bit) for the embedded model and a 7B shape, Trainer's mixed precision (mixed_precision)
   embedded      the embedded model (--tiny: the Mistral stand-in) in 4-bit NF4 through the project's loader
-                (models.load_local): our decoder's
+                (local_models.load_local): our decoder's
                 greedy tokens (decoding.generate_batch) against HF generate's row by row, each divergence's
                 logit gap at the first differing token (a near-tie when under NEAR_TIE); LocalLM.score against
                 one plain forward per pair; two runs bitwise equal; with a LoRA adapter attached and switched off
@@ -19,7 +19,7 @@ Stages (--stages picks some):
                 the laptop preset's heaviest calls, each one's allocated and reserved peak beside the memory plan
                 and its tokens/s, HF generate's tokens/s on the same batch, and three updates through 04's Trainer
                 (LabelledLossTrainer) with the preset's settings (batch 4 x 4 accumulated, LoRA r 16, gradient
-                checkpointing, the mixed precision models.mixed_precision gives)
+                checkpointing, the mixed precision local_models.mixed_precision gives)
   run_all       `bash run_all.sh laptop` at the smoke preset's sizes on the Mistral stand-in (tests/mistral_standin.py),
                 every role local (no OPENAI_API_KEY)
 --tiny: a two-layer Mistral, a few prompts and tokens, no memory cap; what it checks is the same code.
@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import importlib
 import importlib.metadata
-import json
 import os
 import re
 import subprocess
@@ -47,12 +46,13 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
 import gpu  # noqa: E402  (the Mistral-shaped model and the heavy calls measured as bench/gpu.py measures them)
 from memory_plan import MISTRAL, PRESETS, heavy_calls, model_config  # noqa: E402
 from mistral_standin import MISTRAL_7B_INSTRUCT_V02, STANDIN_SIZES, build_standin, standin_tokenizer  # noqa: E402
-from models import (LocalLM, count_params, embedded_model_dir, encode_chat, encode_for_training,  # noqa: E402
-                    mixed_precision, resolve_dtype, template_accepts_system, want_4bit)
+from chat_format import encode_chat, encode_for_training, template_accepts_system  # noqa: E402
+from local_models import (LocalLM, count_params, embedded_model_dir, mixed_precision, resolve_dtype,  # noqa: E402
+                          want_4bit)
 from roles import answer_view, questioner_view, roleplayer_view  # noqa: E402
+from training import LabelledLossTrainer, PadCollator  # noqa: E402
 from utils import StepError, run_main, write_json_atomic  # noqa: E402
 
-train_step = importlib.import_module("04_train")
 
 STAGES = ["environment", "embedded", "mistral", "run_all"]
 NEAR_TIE = 0.5  # logits: a greedy choice this close may flip with the order of a sum (batching, kernels)
@@ -67,7 +67,7 @@ def device():
 
 
 def environment(args) -> dict:
-    """Versions, the device, and the decisions models.py makes on it."""
+    """Versions, the device, and the decisions local_models.py makes on it."""
     cuda = torch.cuda.is_available()
     versions = {}
     for name in PACKAGES:
@@ -203,8 +203,8 @@ def trainer_updates(lm: LocalLM, call: dict, p, tiny: bool) -> dict:
             learning_rate=2e-4, max_steps=3, gradient_checkpointing=False,  # training_model enabled it already
             use_cpu=not torch.cuda.is_available(), logging_steps=1, save_strategy="no", report_to="none",
             remove_unused_columns=False, **mixed_precision(resolve_dtype("auto", quantized=True)))
-        trainer = train_step.LabelledLossTrainer(model=model, args=arguments, train_dataset=dataset,
-                                                 data_collator=train_step.PadCollator(lm.tokenizer.pad_token_id))
+        trainer = LabelledLossTrainer(model=model, args=arguments, train_dataset=dataset,
+                                                 data_collator=PadCollator(lm.tokenizer.pad_token_id))
         gpu.reset(lm.device)
         start = time.perf_counter()
         trainer.train()

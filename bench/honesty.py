@@ -15,7 +15,7 @@ Comparisons are made within a pair and its number of turns (a pair's N conversat
 the gold answer and the length are held fixed): the mean log-prob of the pair's "irrelevant" conversations minus
 that of its "nothing" ones, for every pair that has both; likewise "relevant" minus "nothing", for scale. Printed
 per folder and over all of them: pairs compared, mean difference in nats, and a 95% interval that resamples tasks,
-then pairs (report.cluster_bootstrap_ci). The honesty check holds when the irrelevant difference is not above
+then pairs (metrics.cluster_bootstrap_ci). The honesty check holds when the irrelevant difference is not above
 zero; the relevant one shows what the reward pays for.
 """
 import argparse
@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from report import cluster_bootstrap_ci  # noqa: E402
+from metrics import cluster_bootstrap_ci  # noqa: E402
 from scripted import World  # noqa: E402
 from utils import read_jsonl  # noqa: E402
 

@@ -13,7 +13,6 @@ Variants of roles.questioner_view, patched in this process only:
     no_nudge          no nudge anywhere
 """
 import argparse
-import importlib
 import json
 import random
 import re
@@ -24,11 +23,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import roles  # noqa: E402
+import stargate  # noqa: E402
 from models import ModelPool  # noqa: E402
 from scripted import World  # noqa: E402
 from utils import read_jsonl  # noqa: E402
 
-simulation = importlib.import_module("02_simulate")
 ECHO = re.compile(r"next question", re.IGNORECASE)
 
 
@@ -45,7 +44,7 @@ def main():
                                         for m in roles.QUESTIONER_EXAMPLES]
     if args.variant == "no_nudge":
         current_view = roles.questioner_view
-        simulation.questioner_view = lambda name, task, dialogue: current_view(name, task, []) + dialogue
+        stargate.questioner_view = lambda name, task, dialogue: current_view(name, task, []) + dialogue
     world = World(ROOT / "data/toy")
     tasks = [t["text"] for t in read_jsonl(ROOT / "data/toy/tasks.jsonl")][:args.tasks]
     names = (ROOT / "data/names.txt").read_text().split()
@@ -57,7 +56,7 @@ def main():
     gen = {"questioner": dict(max_new_tokens=24, temperature=0.9, top_p=0.9, batch_size=32),
            "roleplayer": dict(max_new_tokens=96, temperature=0.0, top_p=1.0, batch_size=32)}
     start = time.time()
-    dialogues, _ = simulation.simulate(questioner, roleplayer, items, gen, seed=args.seed)
+    dialogues, _ = stargate.simulate(questioner, roleplayer, items, gen, seed=args.seed)
     echo = [[bool(ECHO.search(d[2 * k]["content"])) for d in dialogues] for k in range(3)]
     hits = [world.hits(d, item["task"]) for d, item in zip(dialogues, items)]
     relevant = [[h[k] for h in hits] for k in range(3)]

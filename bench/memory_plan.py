@@ -17,11 +17,11 @@ with rows x tokens the call's batch and its longest sequence:
                one fp32 per 256 blocks), every other parameter in bf16 (the checkpoint's dtype). Unquantized:
                every parameter in bf16 (what --dtype auto gives on a GPU, and on a CPU with bf16 matmuls).
                All models a step holds at once: the Questioner and a different Roleplayer (02, 05), and a
-               small unquantized model's merged adapter copy (models.LocalLM.merged_copy: 02 from t = 1, 05).
+               small unquantized model's merged adapter copy (local_models.LocalLM.merged_copy: 02 from t = 1, 05).
   KV cache     rows x (prompt + new tokens) x layers x 2 x kv_heads x head_dim x 2: decoding.py preallocates
                it for the prefill plan's width plus the cap; scoring caches prompt + response. The plan's width
                (decoding.allocated_width) is the longest prompt for the identical-length prompts planned here,
-               and --batch_tokens bounds rows x that width in the steps (models.LocalLM.batches).
+               and --batch_tokens bounds rows x that width in the steps (local_models.LocalLM.batches).
   activations  inference: one layer's forward over every row's whole prompt at once (prefill; shared prefixes
                are prefilled once, which this ignores: an upper bound): rows x tokens x (3 x intermediate +
                6 x hidden) x 2 (the MLP's gate, up and product; residual, norm, attention in and out), the
@@ -55,8 +55,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from mistral_standin import MISTRAL_7B_INSTRUCT_V02, standin_tokenizer  # noqa: E402
-from models import (BATCH_TOKENS, embedded_model_dir, encode_chat, encode_for_training,  # noqa: E402
-                    template_accepts_system, token_batches)
+from chat_format import encode_chat, encode_for_training, template_accepts_system  # noqa: E402
+from local_models import BATCH_TOKENS, embedded_model_dir, token_batches  # noqa: E402
 from roles import (JUDGE_PROMPT, JUDGE_SYSTEM, ORACLE_GOLD_PROMPT, ORACLE_SYSTEM, PERSONA_PROMPT,  # noqa: E402
                    answer_view, questioner_view, roleplayer_view)
 
@@ -158,7 +158,7 @@ def skeleton(config, quantized: bool):
 
 
 def bnb_config():
-    """The 4-bit settings of models.load_local."""
+    """The 4-bit settings of local_models.load_local."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -237,7 +237,8 @@ class Filler:
     def __init__(self, tokenizer):
         source = [json.loads(line) for name in ("tasks", "personas") for line in open(ROOT / "data" / f"{name}.jsonl")]
         self.tokenizer = tokenizer
-        self.ids = tokenizer(" ".join(r.get("text") or r.get("bio") for r in source), add_special_tokens=False)["input_ids"]
+        text = " ".join(r.get("text") or r.get("bio") for r in source)
+        self.ids = tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def __call__(self, n: int, offset: int = 0) -> str:
         start = offset % (len(self.ids) - n)
@@ -279,8 +280,9 @@ def heavy_calls(p: Preset, tokenizer, rows_offset: int = 0) -> list[dict]:
                 p.oracle_batch_size, lambda o: [{"role": "system", "content": ORACLE_SYSTEM}, {
                     "role": "user", "content": ORACLE_GOLD_PROMPT.format(bio=fill(p.persona_max_tokens, o),
                                                                          task=task)}]))]
-    for step, batch, question, answer in (("02", p.simulate_batch_size, p.question_max_tokens, p.answer_max_tokens),
-                                          ("05", p.eval_batch_size, p.eval_question_max_tokens, p.eval_answer_max_tokens)):
+    for step, batch, question, answer in (
+            ("02", p.simulate_batch_size, p.question_max_tokens, p.answer_max_tokens),
+            ("05", p.eval_batch_size, p.eval_question_max_tokens, p.eval_answer_max_tokens)):
         last = p.max_turns - 1
         calls.append(dict(step=f"{step} questions, turn {p.max_turns}", kind="generate", new=question, prompts=rows(
             batch, lambda o: questioner_view(name, task, dialogue(fill, last, question, answer, o)))))
@@ -296,8 +298,9 @@ def heavy_calls(p: Preset, tokenizer, rows_offset: int = 0) -> list[dict]:
                           responses=[fill(p.gold_max_tokens, 3000 + i) for i in range(batch)]))
     if p.local_judge:
         calls.append(dict(step="05 judge", kind="generate", new=p.judge_max_tokens, prompts=rows(
-            p.eval_batch_size, lambda o: [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": JUDGE_PROMPT.format(
-                bio=bio, task=task, a=fill(p.final_max_tokens, o), b=fill(p.final_max_tokens, o + 99))}])))
+            p.eval_batch_size, lambda o: [{"role": "system", "content": JUDGE_SYSTEM}, {
+                "role": "user", "content": JUDGE_PROMPT.format(
+                    bio=bio, task=task, a=fill(p.final_max_tokens, o), b=fill(p.final_max_tokens, o + 99))}])))
     record = answer_view(name, task, dialogue(fill, p.max_turns, p.question_max_tokens, p.answer_max_tokens)) + [
         {"role": "assistant", "content": fill(p.select_answer_max_tokens, 4000)}]
     fixed = len(questioner_view(name, task, []))
@@ -317,7 +320,8 @@ def call_size(call, tokenizer, max_length: int) -> tuple[int, int, int]:
     if call["kind"] == "score":
         pairs = [encode_chat(tokenizer, p, r, system_ok) for p, r in zip(call["prompts"], call["responses"])]
         return len(pairs), max(len(p) for p, _ in pairs), max(len(r) for _, r in pairs)
-    return len(call["prompts"]), max(len(encode_chat(tokenizer, p, None, system_ok)[0]) for p in call["prompts"]), call["new"]
+    longest = max(len(encode_chat(tokenizer, p, None, system_ok)[0]) for p in call["prompts"])
+    return len(call["prompts"]), longest, call["new"]
 
 
 def tokenizer_of(model: str, cache_dir):
@@ -373,7 +377,8 @@ def size(call) -> str:
 
 def table(plans: dict, measured: dict) -> str:
     """The README table: per preset, the heaviest generation, scoring and training call."""
-    lines = ["| preset | weights (held) | generation: planned peak (heaviest call) | scoring | training step | measured |",
+    lines = ["| preset | weights (held) | generation: planned peak (heaviest call) | scoring | training step "
+             "| measured |",
              "|---|---|---|---|---|---|"]
     for name, rows in plans.items():
         cells = []
@@ -391,8 +396,8 @@ def detail(plans: dict) -> str:
     for name, rows in plans.items():
         for r in rows:
             t = r["terms"]
-            lines.append(f"| {name} | {r['step']} | {size(r)} | " + " | ".join(gib(t.get(k, 0)) for k in ("weights", "kv", "lora+optimizer", "activations"))
-                         + f" | {gib(r['total'])} |")
+            terms = " | ".join(gib(t.get(k, 0)) for k in ("weights", "kv", "lora+optimizer", "activations"))
+            lines.append(f"| {name} | {r['step']} | {size(r)} | {terms} | {gib(r['total'])} |")
     return "\n".join(lines)
 
 
@@ -406,7 +411,8 @@ def advice(plans: dict, batch: int = 16) -> list[str]:
         smaller = fixed + (r["total"] - fixed) * batch / r["rows"]
         fits = int((TARGET_GIB * GIB - fixed) // ((r["total"] - fixed) / r["rows"]))
         notes.append(f"laptop, {r['step']}: {gib(r['total'])} GiB at batch {r['rows']}, over {TARGET_GIB} GiB; "
-                     f"with --batch_size {batch} for step {r['step'][:2]}: {gib(smaller)} GiB (at most {fits} rows fit)")
+                     f"with --batch_size {batch} for step {r['step'][:2]}: {gib(smaller)} GiB "
+                     f"(at most {fits} rows fit)")
     return notes
 
 

@@ -16,7 +16,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import models  # noqa: E402  (needs the repo root on sys.path first)
+import local_models  # noqa: E402  (needs the repo root on sys.path first)
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -41,7 +41,7 @@ def lm(model_cache):
 
     In float32, whatever the CPU: tests that compare batched with single-prompt results (or with HF's
     own generate) check the algorithm, and bf16 rounding would blur that (bf16 is tested on its own)."""
-    return models.LocalLM("embedded", cache_dir=model_cache, dtype="float32")
+    return local_models.LocalLM("embedded", cache_dir=model_cache, dtype="float32")
 
 
 # One short run of 04_train.py, shared by three tests: test_train.py checks what it learned,

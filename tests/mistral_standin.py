@@ -3,7 +3,7 @@
 Mistral's architecture and config (MISTRAL_7B_INSTRUCT_V02 with a few small layers: STANDIN_SIZES), random
 weights, and the embedded SmolLM2 tokenizer dressed as Mistral's (standin_tokenizer: 32000 tokens,
 <unk>/<s>/</s> at ids 0/1/2, Mistral-Instruct-v0.2's strict chat template). Saved with save_pretrained, so
-`hf:<folder>` loads through models.load_local as the real model does, in 4-bit too (`--load_in_4bit yes`,
+`hf:<folder>` loads through local_models.load_local as the real model does, in 4-bit too (`--load_in_4bit yes`,
 also on a CPU). Random weights write garbage text, which is what the plumbing needs to survive (templates,
 4-bit loading, LoRA on a quantized base, stopping at the token cap, odd tokens), not a model to learn from.
 
@@ -91,7 +91,7 @@ def main():
     parser.add_argument("--cache_dir", default="cache", help="where the embedded model is (or will be) cached")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from models import embedded_model_dir
+    from local_models import embedded_model_dir
 
     print(f"stand-in for Mistral-7B-Instruct-v0.2 in {build_standin(args.folder, embedded_model_dir(args.cache_dir))}")
 

@@ -20,7 +20,9 @@ import pytest
 from fault_proxy import KINDS, FaultProxy, body_hash
 from llama_server import llama_server, require_llama_server
 
-from models import CachedChat, OpenAIChat, embedded_model_dir
+from local_models import embedded_model_dir
+from models import CachedChat
+from server import OpenAIChat
 
 GGUF = require_llama_server()
 ROOT = Path(__file__).resolve().parents[1]

@@ -211,6 +211,23 @@ def test_run_all_refuses_an_unknown_argument(tmp_path):
     assert not (tmp_path / "run").exists() and done.stdout == ""
 
 
+def test_run_all_takes_ablations_before_or_after_the_preset(tmp_path):
+    """`bash run_all.sh --ablations smoke` runs the commands `bash run_all.sh smoke --ablations` runs (DRY_RUN prints
+    them; the run's data and iteration-0 files the ablations share are there)."""
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    (run / "iter0").mkdir()
+    for name in ("conversations.jsonl", "args_02_simulate.json", "scores.jsonl"):
+        (run / "iter0" / name).write_text("")
+    printed = []
+    for args in (["smoke", "--ablations"], ["--ablations", "smoke"]):
+        done = subprocess.run(["bash", "run_all.sh", *args], cwd=REPO, capture_output=True, text=True, timeout=60,
+                              env=dict(os.environ, DRY_RUN="1", RUN_DIR=str(run)))
+        assert done.returncode == 0, done.stderr
+        printed.append(done.stdout)
+    assert printed[0] == printed[1] and f"--run_dir {run}-gold" in printed[0] and f"--run_dir {run}-none" in printed[0]
+
+
 def test_human_py_explains_itself():
     done = subprocess.run([sys.executable, "human.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "--roleplayer human" in done.stdout and "--judge human" in done.stdout

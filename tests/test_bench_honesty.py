@@ -23,7 +23,8 @@ def fake_run(folder, irrelevant_logprob):
     conversations, scores = [], []
     for task_id, (_, irrelevant, relevant) in TASKS.items():
         for persona_id in ("p0", "p1", "p2"):
-            replies = [(VAGUE_REPLY, -100.0), (VAGUE_REPLY, -102.0), (irrelevant, irrelevant_logprob), (relevant, -90.0)]
+            replies = [(VAGUE_REPLY, -100.0), (VAGUE_REPLY, -102.0), (irrelevant, irrelevant_logprob),
+                       (relevant, -90.0)]
             if persona_id == "p2":  # nothing to compare with
                 replies = replies[2:]
             for conv_id, (reply, logprob) in enumerate(replies):

@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import requires_cuda
 
-from models import context_override, cut_middle, encode_chat
+from chat_format import context_override, cut_middle, encode_chat
 from utils import StepError, read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,7 +102,7 @@ def test_a_prompt_longer_than_the_real_context_is_cut_to_it(lm):
 
 @requires_cuda
 def test_generation_and_scoring_past_the_real_context_on_cuda(model_cache):
-    from models import LocalLM
+    from local_models import LocalLM
 
     gpu = LocalLM("embedded", cache_dir=model_cache)
     huge = [SYSTEM, {"role": "user", "content": "Hi, I'm Ana. " + "word " * 9000 + "What should I cook?"}]

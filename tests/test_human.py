@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from human import HumanChat
-from models import CachedChat, load_local
+from local_models import load_local
+from models import CachedChat
 from roles import JUDGE_PROMPT, JUDGE_SYSTEM, ORACLE_GOLD_PROMPT, ORACLE_SYSTEM, parse_verdict
 from utils import StepError, Stopped, read_jsonl
 

@@ -20,7 +20,7 @@ import torch
 from llama_server import llama_server, require_llama_server
 from mistral_standin import build_standin
 
-import models
+import local_models
 from utils import load_pairs, read_jsonl
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -53,7 +53,7 @@ DUMMY_KEY = "sk-dummy-laptop-miniature-not-a-real-key"
 def laptop(tmp_path_factory, model_cache):
     """(run folder, stand-in folder, run_all.sh's stdout) of one miniature laptop run."""
     root = tmp_path_factory.mktemp("laptop")
-    standin = build_standin(root / "standin", models.embedded_model_dir(model_cache))
+    standin = build_standin(root / "standin", local_models.embedded_model_dir(model_cache))
     # A cache of the run's own: the stand-in's Oracle and Judge calls stay out of the shared model cache.
     env = {k: v for k, v in os.environ.items() if k not in UNSET}
     env.update(MINIATURE, QUESTIONER=f"hf:{standin}", RUN_DIR=str(root / "run"), CACHE_DIR=str(root / "cache"),
@@ -137,7 +137,7 @@ def test_the_adapters_of_m1_and_m2_load_onto_the_4bit_base(laptop, model_cache):
     from peft import PeftModel
 
     run, standin, _ = laptop
-    base, tokenizer = models.load_local(f"hf:{standin}", model_cache, load_in_4bit="yes")
+    base, tokenizer = local_models.load_local(f"hf:{standin}", model_cache, load_in_4bit="yes")
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Plan my weekend in Rome."}], tokenize=False)
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
     with torch.no_grad():

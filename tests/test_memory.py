@@ -16,6 +16,7 @@ import pytest
 import torch
 from mistral_standin import build_standin
 
+import local_models
 import models
 from utils import StepError
 
@@ -122,8 +123,8 @@ def test_the_4bit_model_built_directly_is_what_a_4bit_load_gives(tmp_path, model
     import gpu
     from transformers import AutoConfig
 
-    folder = build_standin(tmp_path / "standin", models.embedded_model_dir(model_cache))
-    loaded, _ = models.load_local(f"hf:{folder}", model_cache, load_in_4bit="yes")
+    folder = build_standin(tmp_path / "standin", local_models.embedded_model_dir(model_cache))
+    loaded, _ = local_models.load_local(f"hf:{folder}", model_cache, load_in_4bit="yes")
     built = gpu.random_4bit_model(AutoConfig.from_pretrained(folder), torch.device("cpu"))
     assert {n: type(m) for n, m in built.named_modules()} == {n: type(m) for n, m in loaded.named_modules()}
     for (name, a), (_, b) in zip(built.named_parameters(), loaded.named_parameters(), strict=True):
@@ -141,7 +142,8 @@ def test_the_gpu_benchmark_runs_at_a_tiny_shape_on_the_cpu(tmp_path, model_cache
     result = json.loads((tmp_path / "r.json").read_text())
     rows = result["rows"]
     assert [r["what"] for r in rows] == 2 * [
-        "02 questions, turn 3", "02 answers, turn 3", "05 final answers", "05 judge", "05 gold log-probs", "04 training step"]
+        "02 questions, turn 3", "02 answers, turn 3", "05 final answers", "05 judge", "05 gold log-probs",
+        "04 training step"]
     assert rows[0]["model"].startswith("Mistral-7B-Instruct-v0.2-shaped") and rows[6]["model"].startswith("SmolLM2")
     for r in rows:
         assert "error" not in r and r["tokens_per_s"] > 0 and r["planned_gib"] > 0, r

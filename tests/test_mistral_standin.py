@@ -2,14 +2,13 @@
 the CPU: it loads as `hf:<folder>` with --load_in_4bit yes, generates (stopping at the cap, whatever odd
 tokens random weights write), scores, and takes a LoRA adapter on its quantized base."""
 
-from importlib import import_module
-
 import pytest
 import torch
 from mistral_standin import MISTRAL_7B_INSTRUCT_V02, STANDIN_SIZES, build_standin, standin_tokenizer
 
 import decoding
-import models
+import local_models
+import stargate
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -22,16 +21,16 @@ RESPONSES = ["Try a lentil curry with rice and spinach.", "Apple.", "Walk, eat p
 
 @pytest.fixture(scope="module")
 def standin(tmp_path_factory, model_cache):
-    return build_standin(tmp_path_factory.mktemp("mistral") / "standin", models.embedded_model_dir(model_cache))
+    return build_standin(tmp_path_factory.mktemp("mistral") / "standin", local_models.embedded_model_dir(model_cache))
 
 
 @pytest.fixture(scope="module")
 def quantized(standin, model_cache):
-    return models.LocalLM(f"hf:{standin}", cache_dir=model_cache, load_in_4bit="yes")
+    return local_models.LocalLM(f"hf:{standin}", cache_dir=model_cache, load_in_4bit="yes")
 
 
 def test_the_tokenizer_is_mistral_shaped(model_cache):
-    tokenizer = standin_tokenizer(models.embedded_model_dir(model_cache))
+    tokenizer = standin_tokenizer(local_models.embedded_model_dir(model_cache))
     assert len(tokenizer) == MISTRAL_7B_INSTRUCT_V02["vocab_size"] == 32000
     assert tokenizer.convert_ids_to_tokens([0, 1, 2]) == ["<unk>", "<s>", "</s>"]
     text = "Hi, I'm Maya. Can you suggest a recipe for dinner tonight?"
@@ -65,10 +64,11 @@ def test_generation_stops_at_the_cap_and_survives_odd_tokens(quantized):
     # Random weights write any token, special ones and byte fragments included; decoding them all must work,
     # and so must the dialogue loop that feeds them back through the strict template.
     assert isinstance(quantized.tokenizer.decode(list(range(32000)), skip_special_tokens=True), str)
-    chat = models.LocalChat(quantized, None)
+    chat = local_models.LocalChat(quantized, None)
     items = [{"name": "Maya", "task": "Plan a dinner.", "bio": "I am a nurse in Leeds.", "n_turns": 2}] * 2
-    gen = {role: dict(max_new_tokens=8, temperature=1.0, top_p=1.0, batch_size=2) for role in ("questioner", "roleplayer")}
-    dialogues, _ = import_module("02_simulate").simulate(chat, chat, items, gen, seed=0)
+    gen = {role: dict(max_new_tokens=8, temperature=1.0, top_p=1.0, batch_size=2)
+           for role in ("questioner", "roleplayer")}
+    dialogues, _ = stargate.simulate(chat, chat, items, gen, seed=0)
     assert [len(d) for d in dialogues] == [4, 4]
 
 
@@ -84,7 +84,7 @@ def test_a_lora_adapter_attaches_to_the_4bit_base(standin, quantized, model_cach
     from peft import LoraConfig, PeftModel, get_peft_model
 
     base = quantized.score(PROMPTS, RESPONSES)
-    unquantized, _ = models.load_local(f"hf:{standin}", model_cache, load_in_4bit="no", dtype="float32")
+    unquantized, _ = local_models.load_local(f"hf:{standin}", model_cache, load_in_4bit="no", dtype="float32")
     torch.manual_seed(0)  # init_lora_weights=False: a random B, so the adapter changes the outputs
     get_peft_model(unquantized, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False,
                                            task_type="CAUSAL_LM")).save_pretrained(tmp_path / "adapter")

@@ -1,4 +1,5 @@
-"""Unit tests for models.py: specs, chat formatting, scoring, generation, adapters, 4-bit, the call cache.
+"""Unit tests for the model plumbing (specs.py, chat_format.py, local_models.py, models.py): specs, chat formatting,
+scoring, generation, adapters, 4-bit, the call cache.
 
 Everything runs on the embedded SmolLM2-135M-Instruct (loaded once, see conftest.py) with short prompts.
 """
@@ -13,8 +14,11 @@ from mistral_standin import MISTRAL_V02_TEMPLATE
 from transformers import AutoTokenizer
 
 import decoding
+import chat_format
+import local_models
 import models
 import roles
+import specs
 from utils import StepError
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
@@ -29,7 +33,7 @@ RESPONSES = ["Apple.", "Try a lentil curry with rice and spinach.", "4"]
 @pytest.fixture(scope="module")
 def mistral_tokenizer(model_cache):
     """The embedded tokenizer dressed as Mistral-Instruct: its template and its <s> / </s> tokens."""
-    tokenizer = AutoTokenizer.from_pretrained(models.embedded_model_dir(model_cache))
+    tokenizer = AutoTokenizer.from_pretrained(local_models.embedded_model_dir(model_cache))
     tokenizer.chat_template = MISTRAL_V02_TEMPLATE
     tokenizer.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>"})
     return tokenizer
@@ -45,20 +49,20 @@ def mistral_tokenizer(model_cache):
     ("openai:smollm@http://127.0.0.1:8080/v1", ("openai", "smollm", "http://127.0.0.1:8080/v1")),
 ])
 def test_parse_spec(spec, parsed):
-    assert models.parse_spec(spec) == parsed
+    assert specs.parse_spec(spec) == parsed
 
 
 @pytest.mark.parametrize("spec", ["", "gpt-4", "hf:", "openai:", "HF:gpt2", "local:gpt2", "embedded:x"])
 def test_parse_spec_rejects_unknown_specs(spec):
     with pytest.raises(StepError, match="unknown model spec"):
-        models.parse_spec(spec)
+        specs.parse_spec(spec)
 
 
 def test_load_local_rejects_remote_and_missing_models(tmp_path):
     with pytest.raises(StepError, match="not a local model"):
-        models.load_local("openai:gpt-4o-mini", tmp_path)
+        local_models.load_local("openai:gpt-4o-mini", tmp_path)
     with pytest.raises(StepError, match="cannot load model 'hf:/nonexistent/model-dir'"):
-        models.load_local("hf:/nonexistent/model-dir", tmp_path)
+        local_models.load_local("hf:/nonexistent/model-dir", tmp_path)
 
 
 # --- Chat formatting --------------------------------------------------------------------------------------
@@ -66,9 +70,9 @@ def test_load_local_rejects_remote_and_missing_models(tmp_path):
 def test_normalise_messages_folds_system_into_first_user_turn():
     messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
                 {"role": "assistant", "content": "A"}]
-    assert models.normalise_messages(messages, system_ok=False) == [
+    assert chat_format.normalise_messages(messages, system_ok=False) == [
         {"role": "user", "content": "S\n\nU"}, {"role": "assistant", "content": "A"}]
-    assert models.normalise_messages(messages, system_ok=True) == messages
+    assert chat_format.normalise_messages(messages, system_ok=True) == messages
     assert messages[1] == {"role": "user", "content": "U"}  # the caller's list is not changed
 
 
@@ -76,7 +80,7 @@ def test_normalise_messages_merges_consecutive_turns_of_one_role():
     # answer_view ends with the Roleplayer's last answer followed by the restated task: two user turns.
     view = roles.answer_view("Maya", "Dinner?", [{"role": "assistant", "content": "Budget?"},
                                                  {"role": "user", "content": "Ten dollars."}])
-    merged = models.normalise_messages(view, system_ok=False)
+    merged = chat_format.normalise_messages(view, system_ok=False)
     examples = roles.QUESTIONER_EXAMPLES  # the worked example: alternating turns ending on an assistant turn
     assert [m["role"] for m in merged] == [m["role"] for m in examples] + ["user", "assistant", "user"]
     assert merged[0]["content"] == roles.QUESTIONER_SYSTEM + "\n\n" + examples[0]["content"]
@@ -87,20 +91,20 @@ def test_normalise_messages_merges_consecutive_turns_of_one_role():
 def test_normalise_messages_keeps_a_train_flag_through_merges():
     messages = [{"role": "user", "content": "U"}, {"role": "assistant", "content": "A1", "train": True},
                 {"role": "assistant", "content": "A2"}, {"role": "user", "content": "V"}]
-    merged = models.normalise_messages(messages, system_ok=True)
+    merged = chat_format.normalise_messages(messages, system_ok=True)
     assert merged[1] == {"role": "assistant", "content": "A1\n\nA2", "train": True}
     assert "train" not in merged[0] and messages[1]["content"] == "A1"
 
 
 def test_template_accepts_system(lm, mistral_tokenizer):
-    assert models.template_accepts_system(lm.tokenizer) is True
+    assert chat_format.template_accepts_system(lm.tokenizer) is True
     assert lm.system_ok is True
-    assert models.template_accepts_system(mistral_tokenizer) is False
+    assert chat_format.template_accepts_system(mistral_tokenizer) is False
 
 
 def test_encode_chat_chatml(lm):
     tokenizer = lm.tokenizer
-    prompt_ids, response_ids = models.encode_chat(tokenizer, PROMPTS[0], "Paris is nice.\nReally.")
+    prompt_ids, response_ids = chat_format.encode_chat(tokenizer, PROMPTS[0], "Paris is nice.\nReally.")
     assert tokenizer.decode(prompt_ids).endswith("<|im_start|>assistant\n")
     # The prompt is exactly what the template gives (no extra BOS, nothing lost at the boundary).
     expected = tokenizer.apply_chat_template(PROMPTS[0], tokenize=True, add_generation_prompt=True)
@@ -108,7 +112,7 @@ def test_encode_chat_chatml(lm):
     # The response ends with the end-of-turn token, not with the newline the template writes after it.
     assert tokenizer.decode(response_ids) == "Paris is nice.\nReally.<|im_end|>"
     assert response_ids[-1] == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert models.encode_chat(tokenizer, PROMPTS[0]) == (prompt_ids, None)
+    assert chat_format.encode_chat(tokenizer, PROMPTS[0]) == (prompt_ids, None)
 
 
 def test_encode_chat_on_a_strict_template_without_system_role(mistral_tokenizer):
@@ -117,7 +121,7 @@ def test_encode_chat_on_a_strict_template_without_system_role(mistral_tokenizer)
     view = roles.answer_view("Maya", "Dinner?", dialogue)
     with pytest.raises(Exception, match="roles must alternate"):  # the template itself is strict
         tokenizer.apply_chat_template(view, tokenize=False)
-    prompt_ids, response_ids = models.encode_chat(tokenizer, view, "Try lentils.", system_ok=False)
+    prompt_ids, response_ids = chat_format.encode_chat(tokenizer, view, "Try lentils.", system_ok=False)
     prompt = tokenizer.decode(prompt_ids)
     first = roles.QUESTIONER_EXAMPLES[0]["content"]
     assert prompt.startswith(f"<s>[INST] {roles.QUESTIONER_SYSTEM}\n\n{first} [/INST]")
@@ -132,7 +136,7 @@ def test_encode_chat_refuses_a_template_whose_generation_prompt_differs(mistral_
     tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
                                "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
     with pytest.raises(StepError, match="cannot locate the response tokens"):
-        models.encode_chat(tokenizer, PROMPTS[0], "Apple.")
+        chat_format.encode_chat(tokenizer, PROMPTS[0], "Apple.")
 
 
 # The trained span of encode_for_training must be exactly what encode_chat scores (content + end of turn).
@@ -148,16 +152,16 @@ CONVERSATION = [SYSTEM, {"role": "user", "content": "Hi, I'm Maya. Dinner?"},
 def test_encode_for_training_labels_only_the_trained_assistant_turns(lm, mistral_tokenizer, which):
     tokenizer, system_ok, eos = {"chatml": (lm.tokenizer, True, "<|im_end|>"),
                                  "mistral": (mistral_tokenizer, False, "</s>")}[which]
-    ids, labels = models.encode_for_training(tokenizer, CONVERSATION, system_ok)
+    ids, labels = chat_format.encode_for_training(tokenizer, CONVERSATION, system_ok)
     assert len(ids) == len(labels)
     trained = [i for i, label in enumerate(labels) if label != -100]
     assert all(labels[i] == ids[i] for i in trained)
     spans = tokenizer.decode([ids[i] for i in trained])
     assert spans == f"Any allergies?{eos}Try a lentil curry.{eos}"
     # The whole text is the template's rendering, and the first trained span sits where encode_chat puts it.
-    full = tokenizer.apply_chat_template(models.normalise_messages(CONVERSATION, system_ok), tokenize=False)
+    full = tokenizer.apply_chat_template(chat_format.normalise_messages(CONVERSATION, system_ok), tokenize=False)
     assert tokenizer.decode(ids) == full
-    prompt_ids, response_ids = models.encode_chat(tokenizer, CONVERSATION[:2], "Any allergies?", system_ok)
+    prompt_ids, response_ids = chat_format.encode_chat(tokenizer, CONVERSATION[:2], "Any allergies?", system_ok)
     assert ids[:len(prompt_ids) + len(response_ids)] == prompt_ids + response_ids
     assert trained[:len(response_ids)] == list(range(len(prompt_ids), len(prompt_ids) + len(response_ids)))
 
@@ -175,11 +179,11 @@ GEMMA2_TEMPLATE = (
 
 
 def test_encode_chat_stops_at_the_end_of_turn_when_it_is_not_eos(model_cache):
-    tokenizer = AutoTokenizer.from_pretrained(models.embedded_model_dir(model_cache))
+    tokenizer = AutoTokenizer.from_pretrained(local_models.embedded_model_dir(model_cache))
     tokenizer.chat_template = GEMMA2_TEMPLATE
     tokenizer.add_special_tokens({"bos_token": "<bos>", "eos_token": "<eos>",
                                   "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
-    _, response_ids = models.encode_chat(tokenizer, PROMPTS[0], "Apple.", system_ok=False)
+    _, response_ids = chat_format.encode_chat(tokenizer, PROMPTS[0], "Apple.", system_ok=False)
     assert tokenizer.decode(response_ids) == "Apple.<end_of_turn>"
 
 
@@ -223,12 +227,13 @@ def test_a_better_fitting_response_scores_higher(lm):
 
 
 def test_auto_dtype_is_bf16_exactly_where_it_is_fast(model_cache):
-    assert models.resolve_dtype("float32") == torch.float32 and models.resolve_dtype("bfloat16") == torch.bfloat16
+    assert local_models.resolve_dtype("float32") == torch.float32
+    assert local_models.resolve_dtype("bfloat16") == torch.bfloat16
     if not torch.cuda.is_available():
-        assert models.resolve_dtype("auto") == (torch.bfloat16 if models.cpu_has_bf16() else torch.float32)
-        assert models.resolve_dtype("auto", quantized=True) == torch.bfloat16  # bitsandbytes' CPU kernels
+        assert local_models.resolve_dtype("auto") == (torch.bfloat16 if local_models.cpu_has_bf16() else torch.float32)
+        assert local_models.resolve_dtype("auto", quantized=True) == torch.bfloat16  # bitsandbytes' CPU kernels
     with pytest.raises(StepError, match="--dtype must be auto, bfloat16, float16 or float32"):
-        models.resolve_dtype("fp8")
+        local_models.resolve_dtype("fp8")
 
 
 @pytest.mark.parametrize("capability, expected", [((7, 5), torch.float16), ((7, 0), torch.float16),
@@ -240,20 +245,20 @@ def test_on_a_gpu_auto_dtype_is_fp16_below_compute_capability_8_and_training_fol
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     for quantized in (False, True):  # the weights of a model, and the compute dtype of 4-bit ones
-        assert models.resolve_dtype("auto", quantized) == expected
+        assert local_models.resolve_dtype("auto", quantized) == expected
     half = expected == torch.float16
-    assert models.mixed_precision(models.resolve_dtype("auto")) == {"bf16": not half, "fp16": half}
-    assert models.mixed_precision(models.resolve_dtype("float16")) == {"bf16": False, "fp16": True}
-    assert models.mixed_precision(models.resolve_dtype("float32")) == {"bf16": False, "fp16": False}
+    assert local_models.mixed_precision(local_models.resolve_dtype("auto")) == {"bf16": not half, "fp16": half}
+    assert local_models.mixed_precision(local_models.resolve_dtype("float16")) == {"bf16": False, "fp16": True}
+    assert local_models.mixed_precision(local_models.resolve_dtype("float32")) == {"bf16": False, "fp16": False}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert models.mixed_precision(torch.bfloat16) == {"bf16": False, "fp16": False}  # a CPU: the weights' dtype
+    assert local_models.mixed_precision(torch.bfloat16) == {"bf16": False, "fp16": False}  # a CPU: the weights' dtype
 
 
 def test_bf16_scores_and_answers_like_float32(lm, model_cache):
     # The default on CPUs with native bf16 (and on GPUs): log-probs within rounding of float32's, and greedy
     # answers that float32 finds as likely as its own (bf16 rounding can change a close greedy choice, so
     # the texts themselves may differ: here "What is 2+2?" gets another first word).
-    half = models.LocalLM("embedded", cache_dir=model_cache, dtype="bfloat16")
+    half = local_models.LocalLM("embedded", cache_dir=model_cache, dtype="bfloat16")
     assert next(half.model.parameters()).dtype == torch.bfloat16
     for (a, n, _), (b, m, _) in zip(half.score(PROMPTS, RESPONSES), lm.score(PROMPTS, RESPONSES)):
         assert n == m and a == pytest.approx(b, rel=0.05, abs=0.5)
@@ -307,7 +312,7 @@ SHARING = [
 
 @pytest.fixture(scope="module")
 def sharing_ids(lm):
-    return [models.encode_chat(lm.tokenizer, p, system_ok=lm.system_ok)[0] for p in SHARING]
+    return [chat_format.encode_chat(lm.tokenizer, p, system_ok=lm.system_ok)[0] for p in SHARING]
 
 
 def test_plan_prefill_splits_each_prompt_into_root_group_and_rest():
@@ -373,7 +378,7 @@ def test_scoring_with_shared_prefixes_equals_plain_batches_and_one_at_a_time(lm)
     prompts = SHARING + [SHARING[0]]  # two identical prompts: a group that is all its prompt but the last token
     responses = ["Lentil curry.", "Pasta with beans.", "See the Colosseum early.", "Stay in a hostel.",
                  "Nuts.", "My two kids.", "Apple.", "Lentil curry with rice, and fruit after."]
-    encoded = [models.encode_chat(lm.tokenizer, p, r, lm.system_ok) for p, r in zip(prompts, responses)]
+    encoded = [chat_format.encode_chat(lm.tokenizer, p, r, lm.system_ok) for p, r in zip(prompts, responses)]
     plan = decoding.plan_prefill([p for p, _ in encoded])
     assert sum(1 for g in plan.groups if len(g) > 100) >= 2  # something is shared: the test can fail
     shared = lm.score(prompts, responses, batch_size=8)
@@ -424,8 +429,8 @@ def make_adapter(model_dir, path, seed):
 
 
 def test_adapters_change_scores_only_when_named(model_cache, tmp_path):
-    model_dir = models.embedded_model_dir(model_cache)
-    adapted = models.LocalLM("embedded", cache_dir=model_cache)  # not the shared `lm`: adapters stick
+    model_dir = local_models.embedded_model_dir(model_cache)
+    adapted = local_models.LocalLM("embedded", cache_dir=model_cache)  # not the shared `lm`: adapters stick
     prompts, responses = PROMPTS[:2], RESPONSES[:2]
     before = adapted.score(prompts, responses)
     before_text = adapted.generate(PROMPTS[:1], max_new_tokens=4)
@@ -452,8 +457,8 @@ def test_generation_with_an_adapter_runs_a_merged_copy_that_writes_what_the_adap
     """A small unquantized model generates with an adapter from a copy with the adapter merged into its
     weights (faster on a CPU). In fp32 that copy writes exactly what peft's unmerged adapter writes; it is
     one copy at a time, and the shared model the base roles use is left as it was."""
-    model_dir = models.embedded_model_dir(model_cache)
-    adapted = models.LocalLM("embedded", cache_dir=model_cache, dtype="float32")
+    model_dir = local_models.embedded_model_dir(model_cache)
+    adapted = local_models.LocalLM("embedded", cache_dir=model_cache, dtype="float32")
     assert adapted.merge_adapters
     base_text = adapted.generate(PROMPTS, max_new_tokens=12)
     adapted.add_adapter("one", make_adapter(model_dir, tmp_path / "one", seed=1))
@@ -472,10 +477,10 @@ def test_generation_with_an_adapter_runs_a_merged_copy_that_writes_what_the_adap
 # --- 4-bit ------------------------------------------------------------------------------------------------
 
 def test_want_4bit(model_cache, tmp_path, monkeypatch):
-    assert models.want_4bit("yes") is True and models.want_4bit(True) is True
-    assert models.want_4bit("no") is False and models.want_4bit(False) is False
+    assert local_models.want_4bit("yes") is True and local_models.want_4bit(True) is True
+    assert local_models.want_4bit("no") is False and local_models.want_4bit(False) is False
     with pytest.raises(StepError, match="--load_in_4bit must be auto, yes or no"):
-        models.want_4bit("true")
+        local_models.want_4bit("true")
     # auto on a GPU quantizes a 7B model (Mistral-7B's config, no weights) but not the embedded 135M model, which
     # the tiny, smoke and toy presets train and evaluate unquantized, as on a CPU; on a CPU it quantizes nothing.
     from transformers import MistralConfig
@@ -483,13 +488,13 @@ def test_want_4bit(model_cache, tmp_path, monkeypatch):
     from mistral_standin import MISTRAL_7B_INSTRUCT_V02
 
     MistralConfig(**MISTRAL_7B_INSTRUCT_V02).save_pretrained(tmp_path)
-    embedded = models.embedded_model_dir(model_cache)
-    assert models.count_params(tmp_path) == 7_241_732_096  # Mistral-7B-v0.2's count
+    embedded = local_models.embedded_model_dir(model_cache)
+    assert local_models.count_params(tmp_path) == 7_241_732_096  # Mistral-7B-v0.2's count
     for cuda in (False, True):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-        assert models.want_4bit("auto", tmp_path) is cuda
-        assert models.want_4bit("auto", embedded) is False
-        assert models.want_4bit("yes", embedded) is True
+        assert local_models.want_4bit("auto", tmp_path) is cuda
+        assert local_models.want_4bit("auto", embedded) is False
+        assert local_models.want_4bit("yes", embedded) is True
 
 
 def test_a_4bit_model_is_quantized_once_then_loaded_as_saved(model_cache, tmp_path, monkeypatch):
@@ -499,13 +504,13 @@ def test_a_4bit_model_is_quantized_once_then_loaded_as_saved(model_cache, tmp_pa
     from mistral_standin import build_standin
     from transformers import AutoModelForCausalLM
 
-    standin = build_standin(tmp_path / "standin", models.embedded_model_dir(model_cache))
-    first, tokenizer = models.load_local(f"hf:{standin}", tmp_path / "cache", load_in_4bit="yes")
+    standin = build_standin(tmp_path / "standin", local_models.embedded_model_dir(model_cache))
+    first, tokenizer = local_models.load_local(f"hf:{standin}", tmp_path / "cache", load_in_4bit="yes")
     [saved] = (tmp_path / "cache" / "nf4").iterdir()
     read, from_pretrained = [], AutoModelForCausalLM.from_pretrained
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
                         lambda path, **options: read.append((path, options)) or from_pretrained(path, **options))
-    second, _ = models.load_local(f"hf:{standin}", tmp_path / "cache", load_in_4bit="yes")
+    second, _ = local_models.load_local(f"hf:{standin}", tmp_path / "cache", load_in_4bit="yes")
     assert read[0][0] == str(saved) and "quantization_config" not in read[0][1]
     assert getattr(second, "is_loaded_in_4bit", False)
     ids = torch.tensor([tokenizer("Hello there, how are you?")["input_ids"]])
@@ -513,13 +518,13 @@ def test_a_4bit_model_is_quantized_once_then_loaded_as_saved(model_cache, tmp_pa
         assert torch.equal(first(ids).logits, second(ids).logits)
     # A model rewritten in place (toy_base.py rebuilds its folder) is quantized anew, not read from the old copy.
     (standin / "config.json").write_text((standin / "config.json").read_text() + "\n")
-    models.load_local(f"hf:{standin}", tmp_path / "cache", load_in_4bit="yes")
+    local_models.load_local(f"hf:{standin}", tmp_path / "cache", load_in_4bit="yes")
     assert read[-1][0] == str(standin) and len(list((tmp_path / "cache" / "nf4").iterdir())) == 2
 
 
 def test_4bit_loading_on_cpu(model_cache):
     bnb = pytest.importorskip("bitsandbytes")
-    quantized = models.LocalLM("embedded", cache_dir=model_cache, load_in_4bit="yes")
+    quantized = local_models.LocalLM("embedded", cache_dir=model_cache, load_in_4bit="yes")
     layers = [m for name, m in quantized.model.named_modules() if name.endswith(("q_proj", "down_proj"))]
     assert layers and all(isinstance(m, bnb.nn.Linear4bit) for m in layers)
     assert all(m.weight.quant_state.quant_type == "nf4" for m in layers)
@@ -531,7 +536,7 @@ def test_4bit_loading_on_cpu(model_cache):
 
 @requires_cuda
 def test_local_model_on_cuda_scores_like_one_at_a_time(model_cache):
-    gpu = models.LocalLM("embedded", cache_dir=model_cache)
+    gpu = local_models.LocalLM("embedded", cache_dir=model_cache)
     assert gpu.device.type == "cuda" and next(gpu.model.parameters()).dtype == torch.bfloat16
     batched = gpu.score(PROMPTS, RESPONSES)
     single = [gpu.score([p], [r])[0] for p, r in zip(PROMPTS, RESPONSES)]
@@ -555,7 +560,7 @@ class Counting:
 
 def test_cached_chat_never_pays_twice(lm, tmp_path):
     path = tmp_path / "calls.jsonl"
-    counter = Counting(models.LocalChat(lm, None))
+    counter = Counting(local_models.LocalChat(lm, None))
     cached = models.CachedChat(counter, path)
     first = cached.generate(PROMPTS[:2], max_new_tokens=6)
     assert counter.prompts == 2
@@ -577,14 +582,14 @@ def test_cached_chat_never_pays_twice(lm, tmp_path):
 
 
 def test_cached_chat_key_includes_model_settings_and_seed(lm, tmp_path):
-    cached = models.CachedChat(models.LocalChat(lm, None), tmp_path / "calls.jsonl")
+    cached = models.CachedChat(local_models.LocalChat(lm, None), tmp_path / "calls.jsonl")
     settings = dict(max_new_tokens=6, temperature=0.0, top_p=1.0)
     key = cached.key(PROMPTS[0], settings, 0)
     assert key == cached.key(PROMPTS[0], dict(settings), 0)
     assert key != cached.key(PROMPTS[1], settings, 0)
     assert key != cached.key(PROMPTS[0], dict(settings, temperature=0.7), 0)
     assert key != cached.key(PROMPTS[0], settings, 1)
-    other = models.CachedChat(models.LocalChat(lm, "adapter"), tmp_path / "calls.jsonl")
+    other = models.CachedChat(local_models.LocalChat(lm, "adapter"), tmp_path / "calls.jsonl")
     assert key != other.key(PROMPTS[0], settings, 0)
 
 
@@ -592,11 +597,11 @@ def test_cached_chat_key_includes_model_settings_and_seed(lm, tmp_path):
 
 def test_token_batches_bound_rows_times_the_longest_row():
     lengths = [900, 120, 100, 100, 90, 80, 80, 60]
-    batches = models.token_batches(list(range(8)), lengths, batch_size=4, batch_tokens=500)
+    batches = local_models.token_batches(list(range(8)), lengths, batch_size=4, batch_tokens=500)
     assert batches == [[0], [1, 2, 3, 4], [5, 6, 7]]  # the long row alone; the rest by the row count
-    assert models.token_batches(list(range(8)), lengths, 4, 0) == [[0, 1, 2, 3], [4, 5, 6, 7]]  # 0: no bound
+    assert local_models.token_batches(list(range(8)), lengths, 4, 0) == [[0, 1, 2, 3], [4, 5, 6, 7]]  # 0: no bound
     for order in ([7, 0, 1, 2, 3, 4, 5, 6], [1, 7, 2, 0, 3, 6, 4, 5]):  # any order: a longer row closes a batch
-        batches = models.token_batches(order, lengths, 4, 500)
+        batches = local_models.token_batches(order, lengths, 4, 500)
         assert sorted(sum(batches, [])) == list(range(8)) and sum(batches, []) == order
         assert all(len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 500 for b in batches)
 
@@ -629,7 +634,7 @@ def test_a_long_prompt_runs_in_a_batch_within_the_token_budget(lm, monkeypatch):
     long_prompt = [{"role": "user", "content": "Plan a trip. " + "I like quiet places and trains. " * 80}]
     prompts, responses = [long_prompt] + PROMPTS, ["Take the train to the coast."] + RESPONSES
     shapes = []  # (rows, longest row) of each batch run
-    generate_batch, score_batch = models.generate_batch, models.score_batch
+    generate_batch, score_batch = local_models.generate_batch, local_models.score_batch
 
     def generate_recorded(model, ids, max_new_tokens, *args):
         shapes.append((len(ids), max(map(len, ids)) + max_new_tokens))
@@ -644,8 +649,8 @@ def test_a_long_prompt_runs_in_a_batch_within_the_token_budget(lm, monkeypatch):
         lm.batch_tokens = 0
         free_texts, free_scores = lm.generate(prompts, max_new_tokens=6, batch_size=8), lm.score(prompts, responses)
         lm.batch_tokens = 600
-        monkeypatch.setattr(models, "generate_batch", generate_recorded)
-        monkeypatch.setattr(models, "score_batch", score_recorded)
+        monkeypatch.setattr(local_models, "generate_batch", generate_recorded)
+        monkeypatch.setattr(local_models, "score_batch", score_recorded)
         texts, scores = lm.generate(prompts, max_new_tokens=6, batch_size=8), lm.score(prompts, responses)
     finally:
         lm.batch_tokens = unbounded

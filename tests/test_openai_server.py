@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from llama_server import free_port, llama_server, require_llama_server
 
-from models import CachedChat, ModelPool, OpenAIChat
+from models import CachedChat, ModelPool
+from server import OpenAIChat
 from utils import StepError
 
 GGUF = require_llama_server()

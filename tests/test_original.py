@@ -61,7 +61,8 @@ def test_a_run_holding_other_data_is_never_reused(tmp_path, capsys):
     with pytest.raises(StepError, match="made with other settings \\(--from_original '.*tests/original' -> "):
         generate(tmp_path / "run", tmp_path / "elsewhere", tmp_path / "cache")
     argv = ["01_generate.py", "--run_dir", str(tmp_path / "run")]  # generating into it instead
-    with mock.patch.object(sys, "argv", argv), pytest.raises(StepError, match=r"--from_original '.*tests/original' -> ''"):
+    refused = pytest.raises(StepError, match=r"--from_original '.*tests/original' -> ''")
+    with mock.patch.object(sys, "argv", argv), refused:
         importlib.import_module("01_generate").main()
 
 

@@ -3,7 +3,6 @@ embedded model, in subprocesses, then the same command again. Checks the records
 
 import dataclasses
 import hashlib
-import importlib
 import json
 import os
 import subprocess
@@ -14,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import LocalLM, embedded_model_dir
+from local_models import LocalLM, embedded_model_dir
 from roles import answer_view, gold_problem
+from stargate import SimulationSettings
 from utils import load_pairs, read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,7 +111,7 @@ def test_evaluation_simulates_as_training_did(smoke):
     """02 and 05 parse one SimulationSettings and run_all.sh passes them one flag list: both record the same
     settings beside their outputs, and the test conversations were sampled with the training's caps."""
     run = smoke[0]
-    fields = [f.name for f in dataclasses.fields(importlib.import_module("02_simulate").SimulationSettings)]
+    fields = [f.name for f in dataclasses.fields(SimulationSettings)]
     train = json.loads((run / "iter0" / "args_02_simulate.json").read_text())
     evaluation = json.loads((run / "eval" / "args_05_eval.json").read_text())
     assert {f: evaluation[f] for f in fields} == {f: train[f] for f in fields}

@@ -28,7 +28,8 @@ def table_rows(heading: str) -> list[list[str]]:
 def test_the_record_table_lists_what_each_record_is_checked_for():
     documented = {}
     for _, kind, checked, _ in table_rows("## Record types"):
-        documented[kind.strip("`")] = re.findall(r"`(\w+)`", re.sub(r"\([^)]*\)", "", checked))  # not what parentheses say
+        # The fields named outside parentheses (not what parentheses say).
+        documented[kind.strip("`")] = re.findall(r"`(\w+)`", re.sub(r"\([^)]*\)", "", checked))
     assert set(documented) == set(SCHEMAS)
     for kind, fields in SCHEMAS.items():
         assert documented[kind] == list(fields), kind

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, TRAIN_QUESTION
-from models import embedded_model_dir, load_local
+from local_models import embedded_model_dir, load_local
 from test_settings import dry_run, flag, parser
 from utils import read_jsonl
 
@@ -108,9 +108,9 @@ def test_the_released_path_runs_end_to_end_on_the_fixture(tmp_path, model_cache,
     assert f"models m0 = embedded, m1 = hf:{full_weights_m1} (the first is the baseline" in report
     assert "| m1 | " in report and "*69.9*" in report  # beside the paper's m1
     # The same names given to other models in the same run folder: an error, never the old records reused.
-    swapped = subprocess.run([sys.executable, "05_eval.py", "--run_dir", str(run), "--cache_dir", str(cache), "--models",
-                              f"m0=hf:{full_weights_m1}", "m1=embedded", "--dtype", "float32"], cwd=REPO, env=env,
-                             capture_output=True, text=True, timeout=300)
+    swapped = subprocess.run([sys.executable, "05_eval.py", "--run_dir", str(run), "--cache_dir", str(cache),
+                              "--models", f"m0=hf:{full_weights_m1}", "m1=embedded", "--dtype", "float32"],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert swapped.returncode == 2 and f"--models ['m0=embedded', 'm1=hf:{full_weights_m1}'] -> " \
         f"['m0=hf:{full_weights_m1}', 'm1=embedded']" in swapped.stderr, swapped.stderr[-2000:]
 

@@ -4,7 +4,7 @@ import importlib
 
 import pytest
 
-from report import bootstrap_ci, cluster_bootstrap_ci, min_detectable_effect, pair_outcome, win_rate
+from metrics import bootstrap_ci, cluster_bootstrap_ci, min_detectable_effect, pair_outcome, win_rate
 
 select = importlib.import_module("03_select")
 

@@ -18,10 +18,10 @@ from test_bad_inputs import fails, run, snapshot, write_jsonl  # noqa: F401  (ru
 from transformers import HfArgumentParser
 
 from models import ModelSettings
+from stargate import SimulationSettings
 from utils import StepError, read_jsonl, record_args
 
 REPO = Path(__file__).resolve().parents[1]
-SimulationSettings = importlib.import_module("02_simulate").SimulationSettings
 SHARED = {"01_generate": (ModelSettings,), "02_simulate": (SimulationSettings, ModelSettings),
           "03_select": (ModelSettings,), "04_train": (ModelSettings,),
           "05_eval": (SimulationSettings, ModelSettings), "toy_base": ()}
@@ -100,6 +100,16 @@ def test_a_finished_evaluation_reruns_in_seconds_and_keeps_its_report(evaluated)
     assert time.monotonic() - start < 60
     assert snapshot(run) == before
     assert "is complete (win rate vs m0 (%): m1 53.3)" in stdout and "report kept as it was" in stdout
+
+
+def test_an_ablation_run_not_yet_evaluated_is_one_error(evaluated, tmp_path, monkeypatch, capsys):
+    """--ablation_dirs naming a run with no eval/metrics.json stops with an error naming that file; the report
+    is never written without it."""
+    run, flags = evaluated
+    before = snapshot(run)
+    with pytest.raises(StepError, match=r"run-gold/eval/metrics.json: file not found; evaluate that run first"):
+        step_main("05_eval", *flags, "--ablation_dirs", tmp_path / "run-gold", monkeypatch=monkeypatch, capsys=capsys)
+    assert snapshot(run) == before
 
 
 def test_simulation_rerun_with_another_n_is_refused_and_overwrite_redoes_it(run, model_cache, monkeypatch, capsys):

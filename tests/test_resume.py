@@ -61,7 +61,7 @@ def kill_after(command, watched: Path, lines: int):
 
 def share_model(cache: Path, model_cache: Path):
     """A fresh cache folder (its own Oracle/Judge call cache) that shares the dequantized embedded model."""
-    from models import embedded_model_dir
+    from local_models import embedded_model_dir
 
     cache.mkdir()
     (cache / "SmolLM2-135M-Instruct").symlink_to(embedded_model_dir(model_cache).resolve())

@@ -9,10 +9,11 @@ import sys
 import pytest
 
 import roles
-from models import ModelPool, parse_spec
-from report import pair_outcome
+from metrics import pair_outcome
+from models import ModelPool
 from roles import JUDGE_PROMPT, ORACLE_GOLD_PROMPT, PERSONA_PROMPT, ROLEPLAYER_SYSTEM, parse_verdict, unformat
 from scripted import VAGUE_REPLY, ScriptedChat, mentions
+from specs import parse_spec
 from utils import StepError, read_jsonl
 
 from conftest import REPO
@@ -116,7 +117,8 @@ def test_toy_judge_rewards_right_values_and_punishes_wrong_ones_and_non_answers(
 def test_answer_use_counts_told_used_and_hallucinated_values(world, bio):
     values = world.world.persona(bio)
     said = world.world.sentences["diet"][values["diet"]]
-    conversation = [{"role": "assistant", "content": "Any dietary restrictions?"}, {"role": "user", "content": said + "."},
+    conversation = [{"role": "assistant", "content": "Any dietary restrictions?"},
+                    {"role": "user", "content": said + "."},
                     {"role": "assistant", "content": "Where do you live?"},
                     {"role": "user", "content": world.world.sentences["city"][values["city"]] + "."}]
     assert world.world.told(conversation) == {"diet": values["diet"], "city": values["city"]}
@@ -249,9 +251,9 @@ def test_toy_evaluation_judges_answers_and_reports_what_they_used(tmp_path, mode
     assert done.returncode == 0, done.stderr[-2000:]
     shutil.copytree(trained[0] / "adapter", run / "iter0" / "adapter")
     command = [sys.executable, "05_eval.py", *common, "--iterations", "1", "--questioner", "embedded",
-                           "--roleplayer", "scripted:data/toy", "--judge", "scripted:data/toy", "--n_conversations", "2",
-                           "--test_pairs", "4", "--question_max_tokens", "12", "--final_max_tokens", "16",
-                           "--judge_all_conversations"]
+               "--roleplayer", "scripted:data/toy", "--judge", "scripted:data/toy", "--n_conversations", "2",
+               "--test_pairs", "4", "--question_max_tokens", "12", "--final_max_tokens", "16",
+               "--judge_all_conversations"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
@@ -266,7 +268,8 @@ def test_toy_evaluation_judges_answers_and_reports_what_they_used(tmp_path, mode
     for name in ("m0", "m1"):
         answers = metrics["models"][name]["answers"]
         assert 0 <= answers["no_answer"] <= 1 and 0 <= answers["hallucinated"] <= 1
-        assert answers["no_answer"] == pytest.approx(sum(answers[f"no_answer_{k}"] for k in ("question", "refusal", "empty")))
+        kinds = sum(answers[f"no_answer_{k}"] for k in ("question", "refusal", "empty"))
+        assert answers["no_answer"] == pytest.approx(kinds)
         assert "revealed_used" in answers
     assert "answers_m0" in m1 and metrics["provenance"]["commit"]
     report = (run / "eval" / "report.md").read_text()
@@ -281,7 +284,8 @@ def test_toy_evaluation_judges_answers_and_reports_what_they_used(tmp_path, mode
                for a in read_jsonl(run / "eval" / "m1" / "answers.jsonl", "answer")}
     section = report.split(shown[0])[1].split("### ")[0]
     assert answers[(*pairs[0], 0)].replace("\n", "<br>").replace("|", "\\|") in section
-    assert "| Questioner, turn 1 |" in section and "| final answer |" in section and "with m1's answer shown as A" in section
+    assert "| Questioner, turn 1 |" in section and "| final answer |" in section
+    assert "with m1's answer shown as A" in section
     # A rerun that asks for other answers (one per pair) than the evaluation was made with says so, reusing nothing.
     done = subprocess.run(command[:-1], cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 2 and "--judge_all_conversations True -> False" in done.stderr

@@ -19,10 +19,11 @@ from fault_proxy import FaultProxy
 from llama_server import llama_server, require_llama_server
 from mistral_standin import MISTRAL_V02_TEMPLATE
 
-from models import LocalLM, ModelPool, OpenAIChat, ServerScorer, embedded_model_dir
+from local_models import LocalLM, embedded_model_dir, load_tokenizer
+from models import ModelPool
 from roles import answer_view, questioner_view
 from scripted import World
-from server import adapter_served_name, check_adapter_servable
+from server import OpenAIChat, ServerScorer, adapter_served_name, check_adapter_servable
 from utils import StepError, read_jsonl, write_jsonl_atomic
 
 GGUF = require_llama_server()
@@ -101,7 +102,8 @@ def test_server_scores_equal_local_scores_and_rank_a_pairs_conversations_alike(s
     # Every call is cached: a fresh scorer (a rerun) answers the same from disk, adding nothing.
     calls = (cache / "scorer_calls.jsonl").read_text().splitlines()
     assert len(calls) == len(contexts) and DUMMY_KEY not in "".join(calls)
-    assert ServerScorer("openai:smollm@" + server, "embedded", cache).score(contexts, golds) == remote
+    rerun = ServerScorer("openai:smollm@" + server, *load_tokenizer("embedded", cache), cache)
+    assert rerun.score(contexts, golds) == remote
     assert len((cache / "scorer_calls.jsonl").read_text().splitlines()) == len(contexts)
 
 
@@ -110,7 +112,8 @@ def test_scoring_calls_are_retried_through_faults_and_paid_for_once(server, lm, 
     connections; tests/fault_proxy.py), the scorer's calls are retried as the other openai: calls are."""
     contexts, golds = toy_pairs()
     with FaultProxy(server, fault_rate=0.6, kinds=("429", "500", "503", "drop"), seed=3) as faulty:
-        scored = ServerScorer("openai:smollm@" + faulty.base_url, "embedded", cache).score(contexts[:1], golds[:1])
+        scorer = ServerScorer("openai:smollm@" + faulty.base_url, *load_tokenizer("embedded", cache), cache)
+        scored = scorer.score(contexts[:1], golds[:1])
         stats = faulty.stats()
     assert stats["faulted"] >= 2 and list(stats["completed_by_body"].values()) == [1], stats  # paid for once
     for (logprob, n, _), (expected, m, _) in zip(scored, lm.score(contexts[:1], golds[:1])):
@@ -127,7 +130,7 @@ def test_a_tokenizer_that_is_not_the_servers_is_one_clear_error(server, cache, t
     tokenizer.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>"})
     tokenizer.save_pretrained(folder)
     shutil.copy(embedded_model_dir(cache) / "config.json", folder)
-    scorer = ServerScorer("openai:smollm@" + server, f"hf:{folder}", cache)
+    scorer = ServerScorer("openai:smollm@" + server, *load_tokenizer(f"hf:{folder}", cache), cache)
     contexts, golds = toy_pairs()
     with pytest.raises(StepError, match="does not tokenize as ours .*--tokenizer"):
         scorer.score(contexts[:1], golds[:1])

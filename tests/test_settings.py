@@ -16,9 +16,9 @@ import pytest
 from transformers import HfArgumentParser
 
 from models import ModelSettings
+from stargate import SimulationSettings
 
 REPO = Path(__file__).resolve().parents[1]
-SimulationSettings = importlib.import_module("02_simulate").SimulationSettings
 
 # What each step's main() parses: its own Args, then the settings it shares with other steps.
 SHARED = {"01_generate": (ModelSettings,), "02_simulate": (SimulationSettings, ModelSettings),
@@ -75,7 +75,8 @@ def test_each_preset_simulates_and_loads_models_alike_in_every_step(tmp_path, pr
             simulation.append((step, settings[SimulationSettings]))
         # A person at the terminal is never a preset's role: a preset must run unattended.
         assert "human" not in [getattr(args, role, None) for role in ("oracle", "questioner", "roleplayer", "judge")]
-        if step == "01_generate" and not args.tasks.startswith("hf:"):  # the preset's tasks are there (paper: the hub's)
+        # The preset's tasks are there (paper: the hub's).
+        if step == "01_generate" and not args.tasks.startswith("hf:"):
             assert sum(args.n_tasks) <= len((REPO / args.tasks).read_text().splitlines()), (preset, args.tasks)
     assert {step for step, _ in simulation} == {"02_simulate", "05_eval"}
     assert all(s == simulation[0][1] for _, s in simulation), simulation  # evaluation simulates as training did
@@ -142,7 +143,8 @@ def test_args_files_record_every_setting(tmp_path):
     recorded = json.loads((tmp_path / "args.json").read_text())
     assert recorded["run_dir"] == "r" and recorded["max_turns"] == 2 and recorded["dtype"] == "float32"
     # One flat object with every flag, so the run can be repeated from it.
-    assert set(recorded) == {f.name for c in (step.Args, SimulationSettings, ModelSettings) for f in dataclasses.fields(c)}
+    assert set(recorded) == {f.name for c in (step.Args, SimulationSettings, ModelSettings)
+                             for f in dataclasses.fields(c)}
 
 
 # --- Imports run one way -----------------------------------------------------------------------------------

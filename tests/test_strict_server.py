@@ -14,7 +14,9 @@ import pytest
 from mistral_standin import build_standin
 from strict_server import StrictServer
 
-from models import LocalLM, ModelPool, embedded_model_dir, encode_chat
+from chat_format import encode_chat
+from local_models import LocalLM, embedded_model_dir
+from models import ModelPool
 from roles import answer_view, questioner_view
 from scripted import World
 from utils import StepError, read_jsonl, write_jsonl_atomic

@@ -28,7 +28,7 @@ def world_chat():
 @pytest.fixture(scope="module")
 def warmup(world_chat, lm):
     """Warm-up records from 8 tasks, the embedded model (fp32) asking."""
-    from models import LocalChat
+    from local_models import LocalChat
 
     tasks = read_jsonl(WORLD / "warmup_tasks.jsonl")[:8]
     return tasks, *warmup_records(LocalChat(lm, None), world_chat, tasks, 3, 24, seed=0)

@@ -4,13 +4,14 @@ The training run is conftest.py's `trained` (shared with the crash-resume test o
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
 from conftest import TRAIN_NAMES, train_command, train_prompt
 
-from models import encode_chat, load_local
+from chat_format import encode_chat, encode_for_training
+from local_models import load_local
+from training import LabelledLossTrainer, PadCollator, labelled_loss
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = train_prompt(TRAIN_NAMES[0])
@@ -52,20 +53,19 @@ def test_a_finished_iteration_is_not_trained_again(trained, model_cache):
 
 def test_the_loss_at_labelled_positions_only_equals_the_default_loss(tmp_path, model_cache):
     """04's loss makes logits only where a token is labelled; it must equal the model's own full loss."""
-    import importlib
-
     from transformers import TrainingArguments
 
-    train = importlib.import_module("04_train")
     model, tokenizer = load_local("embedded", model_cache)
-    chats = [[{"role": "user", "content": "Plan my trip."}, {"role": "assistant", "content": "Where to?", "train": True},
-              {"role": "user", "content": "Rome, cheaply."}, {"role": "assistant", "content": "Take the train.", "train": True}],
+    chats = [[{"role": "user", "content": "Plan my trip."},
+              {"role": "assistant", "content": "Where to?", "train": True},
+              {"role": "user", "content": "Rome, cheaply."},
+              {"role": "assistant", "content": "Take the train.", "train": True}],
              [{"role": "user", "content": "Cook me dinner, please, something quick and warm."},
               {"role": "assistant", "content": "Any allergies?", "train": True}]]
-    rows = [dict(zip(("input_ids", "labels"), train.encode_for_training(tokenizer, c))) for c in chats]
-    batch = train.PadCollator(tokenizer.pad_token_id)(rows)
+    rows = [dict(zip(("input_ids", "labels"), encode_for_training(tokenizer, c))) for c in chats]
+    batch = PadCollator(tokenizer.pad_token_id)(rows)
     assert (batch["labels"] == -100).float().mean() > 0.5  # most positions carry no loss
-    trainer = train.LabelledLossTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to="none"))
+    trainer = LabelledLossTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to="none"))
     with torch.no_grad():
         expected = model(**batch).loss
         ours = trainer.compute_loss(model, batch)
@@ -77,14 +77,11 @@ def test_the_loss_at_labelled_positions_only_equals_the_default_loss(tmp_path, m
 
 def test_the_training_forward_builds_no_kv_cache(model_cache):
     """Without gradient checkpointing the model's config (use_cache) would build a KV cache at every training step."""
-    import importlib
-
-    train = importlib.import_module("04_train")
     model, tokenizer = load_local("embedded", model_cache, dtype="float32")
     model.train()
-    ids, labels = train.encode_for_training(tokenizer, [{"role": "user", "content": "Plan my trip."},
-                                                       {"role": "assistant", "content": "Where to?", "train": True}])
-    batch = train.PadCollator(tokenizer.pad_token_id)([{"input_ids": ids, "labels": labels}])
+    ids, labels = encode_for_training(tokenizer, [{"role": "user", "content": "Plan my trip."},
+                                                 {"role": "assistant", "content": "Where to?", "train": True}])
+    batch = PadCollator(tokenizer.pad_token_id)([{"input_ids": ids, "labels": labels}])
     assert model.config.use_cache and not model.is_gradient_checkpointing
-    loss, outputs = train.labelled_loss(model, batch)
+    loss, outputs = labelled_loss(model, batch)
     assert loss > 0 and outputs.cache is None

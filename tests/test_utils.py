@@ -1,16 +1,14 @@
 """Unit tests for the plumbing in utils.py (JSONL hand-offs, seeds), the pure functions of roles.py and the
 dialogue loop of 02_simulate.py."""
 
-import importlib
 import json
 
 import pytest
 
 import roles
+import stargate
 import utils
 from utils import StepError
-
-simulation = importlib.import_module("02_simulate")
 
 
 def write_lines(path, lines, end="\n"):
@@ -260,9 +258,9 @@ def test_resumable_after_a_crash_computes_only_the_missing_chunks(tmp_path):
 
 
 def test_iterations_alternate_splits_and_adapters():
-    assert [simulation.split_of_iteration(t) for t in range(4)] == ["A", "B", "A", "B"]
-    assert utils.questioner_adapter("runs/x", 0) is None
-    name, folder = utils.questioner_adapter("runs/x", 2)
+    assert [stargate.split_of_iteration(t) for t in range(4)] == ["A", "B", "A", "B"]
+    assert stargate.questioner_adapter("runs/x", 0) is None
+    name, folder = stargate.questioner_adapter("runs/x", 2)
     assert name == "m2" and folder.as_posix() == "runs/x/iter1/adapter"
 
 
@@ -390,7 +388,7 @@ def test_parse_verdict_bold_label_before_colon():
     ("", ""),
 ])
 def test_cut_at_question(text, question):
-    assert simulation.cut_at_question(text) == question
+    assert stargate.cut_at_question(text) == question
 
 
 DIALOGUE = [{"role": "assistant", "content": "Any allergies?"}, {"role": "user", "content": "Peanuts."},
@@ -412,14 +410,16 @@ def test_questioner_never_sees_the_persona():
                  roles.answer_view("Maya", "Suggest a dinner.", DIALOGUE)):
         assert view[0] == {"role": "system", "content": roles.QUESTIONER_SYSTEM}
         assert view[1:1 + len(roles.QUESTIONER_EXAMPLES)] == roles.QUESTIONER_EXAMPLES
-        assert view[1 + len(roles.QUESTIONER_EXAMPLES)] == {"role": "user", "content": "Hi, I'm Maya. Suggest a dinner."}
+        first = {"role": "user", "content": "Hi, I'm Maya. Suggest a dinner."}
+        assert view[1 + len(roles.QUESTIONER_EXAMPLES)] == first
         assert not any(bio in m["content"] for m in view)
 
 
 def test_answer_view_ends_with_the_restated_task_as_a_user_turn():
     view = roles.answer_view("Maya", "Suggest a dinner.", DIALOGUE)
     nudged = f"Peanuts.\n\n{roles.NEXT_QUESTION}"  # a question followed this answer; none follows the last
-    assert view[2 + len(roles.QUESTIONER_EXAMPLES):-1] == [DIALOGUE[0], dict(DIALOGUE[1], content=nudged), *DIALOGUE[2:]]
+    dialogue = view[2 + len(roles.QUESTIONER_EXAMPLES):-1]
+    assert dialogue == [DIALOGUE[0], dict(DIALOGUE[1], content=nudged), *DIALOGUE[2:]]
     assert view[-1]["role"] == "user"
     assert view[-1]["content"] == roles.FINAL_ANSWER_PROMPT.format(task="Suggest a dinner.")
     assert view[-1]["content"].endswith("Suggest a dinner.")
@@ -441,7 +441,7 @@ def test_simulate_runs_each_conversation_for_its_own_number_of_turns():
     items = [{"name": "Maya", "task": "Dinner?", "bio": "bio M", "n_turns": 2},
              {"name": "Ben", "task": "Lunch?", "bio": "bio B", "n_turns": 1}]
     gen = {"questioner": {"max_new_tokens": 8}, "roleplayer": {"max_new_tokens": 9}}
-    dialogues, cut = simulation.simulate(questioner, roleplayer, items, gen, seed=5)
+    dialogues, cut = stargate.simulate(questioner, roleplayer, items, gen, seed=5)
     turn = [{"role": "assistant", "content": "Any allergies?"}, {"role": "user", "content": "Peanuts."}]
     assert dialogues == [turn + turn, turn]
     assert cut == [False, False]  # not local models: only a local model cuts a prompt to fit its context
