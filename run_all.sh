@@ -91,10 +91,10 @@ case "$PRESET" in
     ITERATIONS=2; N_TASKS="24 24 24"; N_PERSONAS="3 3 5"; N=4; TOP_K=1; TEST_PAIRS=120; EVAL_N=2
     MODEL_FLAGS="--batch_tokens 32768"
     SIM_FLAGS="--question_max_tokens 24"
-    GEN_FLAGS="--tasks data/toy/tasks.jsonl"
+    GEN_FLAGS="--tasks data/toy/tasks.jsonl --stratify_by attributes"  # every test task has its family in A and B
     SELECT_FLAGS="--answer_max_tokens 40"
     TRAIN_FLAGS="--learning_rate 1e-3 --epochs 2 --batch_size 1 --grad_accum 4 --lora_r 8 --lora_dropout 0 --no_gradient_checkpointing"
-    EVAL_FLAGS="--final_max_tokens 40"
+    EVAL_FLAGS="--final_max_tokens 40 --judge_all_conversations"
     ;;
   laptop)  # Mistral-7B-Instruct-v0.2 in 4-bit as Questioner and Roleplayer (one shared copy);
            # Oracle and Judge through an OpenAI-compatible API when OPENAI_API_KEY is set
