@@ -28,7 +28,9 @@ def test_the_gpu_check_runs_at_tiny_sizes_on_the_cpu(tmp_path, model_cache):
     assert environment["versions"]["torch"] and environment["dtype_auto_4bit"] == "torch.bfloat16"
     assert embedded["greedy_equal_or_near_tie"] and embedded["two_runs_bitwise_equal"]
     assert embedded["adapter_off_is_the_base_exactly"] and embedded["adapter_on_differs"]
-    assert embedded["score_vs_plain_forward_max_abs"] < 1e-3
+    # bf16 arithmetic (4-bit on a CPU) in another order: the batch prefills the shared prefix once. 0.0018 nats
+    # measured on the toy view's prompts; a response scored one token off would differ by nats.
+    assert embedded["score_vs_plain_forward_max_abs"] < 1e-2
     assert [c["what"] for c in mistral["calls"]] == ["02 questions, turn 3", "05 gold log-probs"]
     assert all(c["tokens_per_s"] > 0 and c["planned_gib"] > 0 for c in mistral["calls"])
     assert mistral["generate_tokens_per_s"]["hf_generate"] > 0
