@@ -47,73 +47,81 @@ OVERWRITE_FLAG=""; [ -z "${OVERWRITE:-}" ] || [ "$OVERWRITE" = 0 ] || OVERWRITE_
 CACHE_DIR="${CACHE_DIR:-cache}"
 START=$SECONDS
 
-# The environment's overrides, kept aside while the preset assigns its values, then put back over them.
+# Any of these set in the environment replaces the preset's value (even when set empty): the presets below
+# only give defaults, `: "${VAR=value}"`, which assign where VAR is unset.
 OVERRIDABLE="QUESTIONER ROLEPLAYER ORACLE JUDGE ITERATIONS N_TASKS N_PERSONAS N TOP_K TEST_PAIRS EVAL_N MODELS
   MODEL_FLAGS SIM_FLAGS GEN_FLAGS SELECT_FLAGS TRAIN_FLAGS EVAL_FLAGS"
-for var in $OVERRIDABLE; do [ -z "${!var+set}" ] || printf -v "OVERRIDE_$var" '%s' "${!var}"; done
+for var in $OVERRIDABLE; do  # said aloud: a variable left in the shell must not change a run unnoticed
+  [ -z "${!var+set}" ] || echo "from the environment: $var=${!var}"
+done
 if [ -n "${DRY_RUN:-}" ]; then  # print each step's command (as a shell would read it) instead of running it
   python() { printf 'python'; printf ' %q' "$@"; echo; }
 fi
-MODELS=""; FROM_ORIGINAL=""  # the released preset's: named models (05 --models), the original release's data
+BASE_MODEL=""; FROM_ORIGINAL=""  # the toy preset's once-only base model; the released preset's original data
 
 # --- Presets: every value that differs between them, in one place ---------------------------------
 # MODEL_FLAGS go to every step (models.ModelSettings; --batch_tokens bounds rows x padded length of a batch,
 # and so the peak memory of generation and scoring); SIM_FLAGS to 02 and 05 alike (02_simulate.py's
 # SimulationSettings), so evaluation simulates conversations exactly as training did; GEN_FLAGS, SELECT_FLAGS,
-# TRAIN_FLAGS and EVAL_FLAGS to one step each.
+# TRAIN_FLAGS and EVAL_FLAGS to one step each. A role given as $QUESTIONER follows an overridden Questioner.
 case "$PRESET" in
   tiny)    # the embedded SmolLM2-135M in every role; sizes that finish in minutes on 2 CPU cores
-    QUESTIONER=embedded; ROLEPLAYER=embedded; ORACLE=embedded; JUDGE=embedded
-    ITERATIONS=2; N_TASKS="4 4 3"; N_PERSONAS="3 3 3"; N=3; TOP_K=1; TEST_PAIRS=9
-    MODEL_FLAGS="--batch_tokens 32768"
-    SIM_FLAGS="--question_max_tokens 64 --answer_max_tokens 48"
-    GEN_FLAGS="--persona_max_tokens 120 --gold_max_tokens 96"
-    SELECT_FLAGS="--answer_max_tokens 96"
-    TRAIN_FLAGS="--learning_rate 5e-4 --epochs 2 --batch_size 1 --grad_accum 4 --lora_r 8 --lora_dropout 0"
-    EVAL_FLAGS="--final_max_tokens 96 --judge_max_tokens 64 --batch_size 16"
+    : "${QUESTIONER=embedded}" "${ROLEPLAYER=$QUESTIONER}" "${ORACLE=$QUESTIONER}" "${JUDGE=$QUESTIONER}"
+    : "${ITERATIONS=2}" "${N_TASKS=4 4 3}" "${N_PERSONAS=3 3 3}" "${N=3}" "${TOP_K=1}" "${TEST_PAIRS=9}"
+    : "${MODEL_FLAGS=--batch_tokens 32768}"
+    : "${SIM_FLAGS=--question_max_tokens 64 --answer_max_tokens 48}"
+    : "${GEN_FLAGS=--persona_max_tokens 120 --gold_max_tokens 96}"
+    : "${SELECT_FLAGS=--answer_max_tokens 96}"
+    : "${TRAIN_FLAGS=--learning_rate 5e-4 --epochs 2 --batch_size 1 --grad_accum 4 --lora_r 8 --lora_dropout 0}"
+    : "${EVAL_FLAGS=--final_max_tokens 96 --judge_max_tokens 64 --batch_size 16}"
     ;;
   smoke)   # the test suite's preset: the smallest sizes that still exercise every step (seconds per step)
-    QUESTIONER=embedded; ROLEPLAYER=embedded; ORACLE=embedded; JUDGE=embedded
-    ITERATIONS=2; N_TASKS="2 2 2"; N_PERSONAS="1 1 2"; N=2; TOP_K=1; TEST_PAIRS=3
-    MODEL_FLAGS="--batch_tokens 32768"
-    SIM_FLAGS="--question_max_tokens 12 --answer_max_tokens 12 --max_turns 2"
-    GEN_FLAGS="--persona_max_tokens 48 --gold_max_tokens 24 --n_examples 1"
-    SELECT_FLAGS="--answer_max_tokens 16"
-    TRAIN_FLAGS="--learning_rate 1e-3 --epochs 2 --warmup_ratio 0 --batch_size 2 --grad_accum 1 --lora_r 4"
-    EVAL_FLAGS="--final_max_tokens 16 --judge_max_tokens 8"
+    : "${QUESTIONER=embedded}" "${ROLEPLAYER=$QUESTIONER}" "${ORACLE=$QUESTIONER}" "${JUDGE=$QUESTIONER}"
+    : "${ITERATIONS=2}" "${N_TASKS=2 2 2}" "${N_PERSONAS=1 1 2}" "${N=2}" "${TOP_K=1}" "${TEST_PAIRS=3}"
+    : "${MODEL_FLAGS=--batch_tokens 32768}"
+    : "${SIM_FLAGS=--question_max_tokens 12 --answer_max_tokens 12 --max_turns 2}"
+    : "${GEN_FLAGS=--persona_max_tokens 48 --gold_max_tokens 24 --n_examples 1}"
+    : "${SELECT_FLAGS=--answer_max_tokens 16}"
+    : "${TRAIN_FLAGS=--learning_rate 1e-3 --epochs 2 --warmup_ratio 0 --batch_size 2 --grad_accum 1 --lora_r 4}"
+    : "${EVAL_FLAGS=--final_max_tokens 16 --judge_max_tokens 8}"
     ;;
   toy)     # a controlled world (data/toy, scripted.py) where the effect of good questions is known: the real
            # embedded Questioner, trained by the same steps, with a scripted Oracle, Roleplayer and Judge.
            # For seeing the mechanism work on a CPU in minutes; NOT the paper's setting.
-           # Q_BASE is the embedded model warmed up once on answering with what the user told (toy_base.py).
-    QUESTIONER=hf:$CACHE_DIR/toy-base; ROLEPLAYER=scripted:data/toy; ORACLE=$ROLEPLAYER; JUDGE=$ROLEPLAYER
-    BASE_MODEL="python toy_base.py --out $CACHE_DIR/toy-base --cache_dir $CACHE_DIR --dtype ${DTYPE:-auto}"
-    ITERATIONS=2; N_TASKS="24 24 24"; N_PERSONAS="3 3 5"; N=4; TOP_K=1; TEST_PAIRS=120; EVAL_N=2
-    MODEL_FLAGS="--batch_tokens 32768"
-    SIM_FLAGS="--question_max_tokens 24"
-    GEN_FLAGS="--tasks data/toy/tasks.jsonl --stratify_by attributes"  # every test task has its family in A and B
-    SELECT_FLAGS="--answer_max_tokens 40"
-    TRAIN_FLAGS="--learning_rate 1e-3 --epochs 2 --batch_size 1 --grad_accum 4 --lora_r 8 --lora_dropout 0 --no_gradient_checkpointing"
-    EVAL_FLAGS="--final_max_tokens 40 --judge_all_conversations"
+           # Q_BASE is the embedded model warmed up once on answering with what the user told (toy_base.py),
+           # built here unless another Questioner is given.
+    : "${QUESTIONER=hf:$CACHE_DIR/toy-base}"
+    [ "$QUESTIONER" != "hf:$CACHE_DIR/toy-base" ] ||
+      BASE_MODEL="python toy_base.py --out $CACHE_DIR/toy-base --cache_dir $CACHE_DIR --dtype ${DTYPE:-auto}"
+    : "${ROLEPLAYER=scripted:data/toy}" "${ORACLE=scripted:data/toy}" "${JUDGE=scripted:data/toy}"
+    : "${ITERATIONS=2}" "${N_TASKS=24 24 24}" "${N_PERSONAS=3 3 5}" "${N=4}" "${TOP_K=1}" "${TEST_PAIRS=120}"
+    : "${EVAL_N=2}"
+    : "${MODEL_FLAGS=--batch_tokens 32768}"
+    : "${SIM_FLAGS=--question_max_tokens 24}"
+    : "${GEN_FLAGS=--tasks data/toy/tasks.jsonl --stratify_by attributes}"  # every test task has its family in A, B
+    : "${SELECT_FLAGS=--answer_max_tokens 40}"
+    : "${TRAIN_FLAGS=--learning_rate 1e-3 --epochs 2 --batch_size 1 --grad_accum 4 --lora_r 8 --lora_dropout 0 --no_gradient_checkpointing}"
+    : "${EVAL_FLAGS=--final_max_tokens 40 --judge_all_conversations}"
     ;;
   laptop)  # Mistral-7B-Instruct-v0.2 in 4-bit as Questioner and Roleplayer (one shared copy);
            # Oracle and Judge through an OpenAI-compatible API when OPENAI_API_KEY is set
-    QUESTIONER=hf:mistralai/Mistral-7B-Instruct-v0.2; ROLEPLAYER=$QUESTIONER
-    if [ -n "${OPENAI_API_KEY:-}" ]; then ORACLE=openai:gpt-4o; JUDGE=openai:gpt-4o
-    else ORACLE=$QUESTIONER; JUDGE=$QUESTIONER; fi
-    ITERATIONS=2; N_TASKS="40 40 20"; N_PERSONAS="10 10 5"; N=4; TOP_K=1; TEST_PAIRS=100
-    MODEL_FLAGS="--load_in_4bit yes --batch_tokens 16384"; SIM_FLAGS=""; GEN_FLAGS=""; SELECT_FLAGS=""; EVAL_FLAGS=""
-    TRAIN_FLAGS="--batch_size 4 --grad_accum 4"
+    : "${QUESTIONER=hf:mistralai/Mistral-7B-Instruct-v0.2}" "${ROLEPLAYER=$QUESTIONER}"
+    if [ -n "${OPENAI_API_KEY:-}" ]; then : "${ORACLE=openai:gpt-4o}" "${JUDGE=openai:gpt-4o}"
+    else : "${ORACLE=$QUESTIONER}" "${JUDGE=$QUESTIONER}"; fi
+    : "${ITERATIONS=2}" "${N_TASKS=40 40 20}" "${N_PERSONAS=10 10 5}" "${N=4}" "${TOP_K=1}" "${TEST_PAIRS=100}"
+    : "${MODEL_FLAGS=--load_in_4bit yes --batch_tokens 16384}"
+    : "${SIM_FLAGS=}" "${GEN_FLAGS=}" "${SELECT_FLAGS=}" "${EVAL_FLAGS=}"
+    : "${TRAIN_FLAGS=--batch_size 4 --grad_accum 4}"
     ;;
   paper)   # Sec. 4: Mistral-7B Questioner, Mixtral-8x7B Roleplayer, GPT-4 Oracle and Judge, 3 iterations;
            # the Roleplayer on a vLLM server (docs/CLUSTER.md has the command; ROLEPLAYER=... points elsewhere);
            # the paper's 550 tasks from the hub (needs `pip install datasets` and the network; data/ has 120)
-    QUESTIONER=hf:mistralai/Mistral-7B-Instruct-v0.2
-    ROLEPLAYER=openai:mistralai/Mixtral-8x7B-Instruct-v0.1@http://127.0.0.1:8001/v1
-    ORACLE=openai:gpt-4; JUDGE=openai:gpt-4
-    ITERATIONS=3; N_TASKS="250 250 50"; N_PERSONAS="50 50 10"; N=10; TOP_K=1; TEST_PAIRS=300
-    MODEL_FLAGS="--batch_tokens 16384"; SIM_FLAGS=""; SELECT_FLAGS=""; TRAIN_FLAGS=""; EVAL_FLAGS=""
-    GEN_FLAGS="--tasks hf:Dahoas/instruct-human-assistant-prompt"
+    : "${QUESTIONER=hf:mistralai/Mistral-7B-Instruct-v0.2}"
+    : "${ROLEPLAYER=openai:mistralai/Mixtral-8x7B-Instruct-v0.1@http://127.0.0.1:8001/v1}"
+    : "${ORACLE=openai:gpt-4}" "${JUDGE=openai:gpt-4}"
+    : "${ITERATIONS=3}" "${N_TASKS=250 250 50}" "${N_PERSONAS=50 50 10}" "${N=10}" "${TOP_K=1}" "${TEST_PAIRS=300}"
+    : "${MODEL_FLAGS=--batch_tokens 16384}" "${SIM_FLAGS=}" "${SELECT_FLAGS=}" "${TRAIN_FLAGS=}" "${EVAL_FLAGS=}"
+    : "${GEN_FLAGS=--tasks hf:Dahoas/instruct-human-assistant-prompt}"
     ;;
   released) # no training: the paper's own test split (the original release's files: ORIGINAL=<their folder, or a URL
             # prefix>) and the authors' released Questioners (full weights on the hub) evaluated beside m0 (also
@@ -122,24 +130,17 @@ case "$PRESET" in
     [ -n "$FROM_ORIGINAL" ] || { echo "error: the released preset reads the original release's test split: set" \
       "ORIGINAL to its folder (star-gate-hgx/... of scandukuri/assistant-gate) or a URL prefix" >&2; exit 2; }
     [ -z "$ABLATIONS" ] || { echo "error: the released preset trains nothing, so it has no ablations" >&2; exit 2; }
-    QUESTIONER=hf:mistralai/Mistral-7B-Instruct-v0.2
-    MODELS="m0=$QUESTIONER m1=hf:scandukuri/mistral-stargate-m1 m2=hf:scandukuri/mistral-stargate"
-    ROLEPLAYER=openai:mistralai/Mixtral-8x7B-Instruct-v0.1@http://127.0.0.1:8001/v1
-    ORACLE=""; JUDGE=openai:gpt-4
-    ITERATIONS=0; N_TASKS=""; N_PERSONAS=""; N=10; TOP_K=1; TEST_PAIRS=300
-    MODEL_FLAGS="--batch_tokens 16384"; SIM_FLAGS=""; GEN_FLAGS=""; SELECT_FLAGS=""; TRAIN_FLAGS=""; EVAL_FLAGS=""
+    : "${QUESTIONER=hf:mistralai/Mistral-7B-Instruct-v0.2}"
+    : "${MODELS=m0=$QUESTIONER m1=hf:scandukuri/mistral-stargate-m1 m2=hf:scandukuri/mistral-stargate}"
+    : "${ROLEPLAYER=openai:mistralai/Mixtral-8x7B-Instruct-v0.1@http://127.0.0.1:8001/v1}"
+    : "${ORACLE=}" "${JUDGE=openai:gpt-4}"
+    : "${ITERATIONS=0}" "${N_TASKS=}" "${N_PERSONAS=}" "${N=10}" "${TOP_K=1}" "${TEST_PAIRS=300}"
+    : "${MODEL_FLAGS=--batch_tokens 16384}" "${SIM_FLAGS=}" "${GEN_FLAGS=}" "${SELECT_FLAGS=}" "${TRAIN_FLAGS=}"
+    : "${EVAL_FLAGS=}"
     ;;
   *) echo "unknown preset '$PRESET': use tiny, toy, laptop, paper, released (or smoke, for the tests)" >&2; exit 2 ;;
 esac
-PRESET_QUESTIONER=$QUESTIONER
-for var in $OVERRIDABLE; do  # said aloud: a variable left in the shell must not change a run unnoticed
-  override="OVERRIDE_$var"
-  [ -z "${!override+set}" ] || { printf -v "$var" '%s' "${!override}"; echo "from the environment: $var=${!var}"; }
-done
-for role in ROLEPLAYER ORACLE JUDGE; do  # the preset's roles on the Questioner's model follow an overridden one
-  override="OVERRIDE_$role"
-  [ "${!role}" != "$PRESET_QUESTIONER" ] || [ -n "${!override+set}" ] || printf -v "$role" '%s' "$QUESTIONER"
-done
+: "${MODELS=}"  # only the released preset names its models (05 --models)
 EVAL_N="${EVAL_N:-$N}"  # test conversations per pair (the toy preset uses fewer than in training)
 ABLATION_TARGETS="${ABLATION_TARGETS:-gold none}"  # with --ablations: the paper's two, or the preset's choice
 RUN_DIR="${RUN_DIR:-runs/$PRESET}"
@@ -160,7 +161,7 @@ run_method() {  # $1 = run folder, $2 = final message trained on (own | gold | n
   done
 }
 
-if [ -n "${BASE_MODEL:-}" ] && [ "$QUESTIONER" = "$PRESET_QUESTIONER" ]; then  # not for an overridden Questioner
+if [ -n "$BASE_MODEL" ]; then
   echo "== $QUESTIONER: the preset's base model =="
   $BASE_MODEL
 fi

@@ -116,6 +116,11 @@ def test_the_environment_overrides_a_presets_values(tmp_path):
     evaluation = calls[-1]
     assert flag(evaluation, "--questioner") == "hf:/models/small" and flag(evaluation, "--judge") == "openai:gpt-4o"
     assert flag(evaluation, "--roleplayer") == "scripted:data/toy" and flag(evaluation, "--n_conversations") == "1"
+    # The released preset's baseline m0 is its Questioner: another one replaces it (the released m1, m2 stay).
+    calls = dry_run(tmp_path, "released", QUESTIONER="hf:/models/other-7b", ORIGINAL=str(tmp_path))
+    models = calls[-1][calls[-1].index("--models") + 1:calls[-1].index("--roleplayer")]
+    assert models == ["m0=hf:/models/other-7b", "m1=hf:scandukuri/mistral-stargate-m1",
+                      "m2=hf:scandukuri/mistral-stargate"]
 
 
 def test_a_served_questioner_asks_and_scores_on_its_server_and_trains_locally(tmp_path):
