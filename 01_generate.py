@@ -32,6 +32,8 @@ from utils import (StepError, check_rerun, parse_args, read_jsonl, record_args, 
 
 SPLITS = ("A", "B", "test")
 
+PROMPTED = ("oracle",)  # roles.py's prompts this step's outputs depend on
+
 
 @dataclass
 class Args:
@@ -105,7 +107,7 @@ def from_original(args, model_args, out: Path):
     write_jsonl_atomic(out / "personas.jsonl", personas)
     write_json_atomic(out / "original.json", {"from_original": args.from_original, "sha256": digests})
     write_jsonl_atomic(out / "gold.jsonl", gold)  # last: its presence means the step is complete
-    record_args(out / "args_01_generate.json", args, model_args)
+    record_args(out / "args_01_generate.json", args, model_args, prompts=PROMPTED)
     print(f"01_generate: wrote {out} from the original release ({args.from_original}): {len(tasks)} tasks x "
           f"{len(personas)} personas = {len(gold)} test pairs")
 
@@ -147,7 +149,7 @@ def main():
     out = Path(args.run_dir) / "data"
     check_specs(oracle=args.oracle)
     check_rerun(out / "args_01_generate.json", [out / f"{name}.jsonl" for name in ("tasks", "personas", "gold")],
-                args.overwrite, args, model_args)
+                args.overwrite, args, model_args, prompts=PROMPTED)
     if (out / "gold.jsonl").exists():
         recorded = out / "args_01_generate.json"
         source = json.loads(recorded.read_text()).get("from_original", "") if recorded.exists() else ""
@@ -242,7 +244,7 @@ def main():
     write_jsonl_atomic(out / "tasks.jsonl", tasks)
     write_jsonl_atomic(out / "personas.jsonl", personas)
     write_jsonl_atomic(out / "gold.jsonl", gold)
-    record_args(out / "args_01_generate.json", args, model_args)
+    record_args(out / "args_01_generate.json", args, model_args, prompts=PROMPTED)
     counts = {s: (sum(t["split"] == s for t in tasks), sum(p["split"] == s for p in personas),
                   sum(g["split"] == s for g in gold)) for s in SPLITS}
     print(f"01_generate: wrote {out}: (tasks, personas, pairs) per split {json.dumps(counts)}; "

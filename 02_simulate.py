@@ -23,6 +23,8 @@ from specs import check_specs
 from stargate import SimulationSettings, questioner_adapter, simulate_pairs, split_of_iteration
 from utils import check_rerun, load_pairs, parse_args, record_args, run_main, seed_everything, stable_hash
 
+PROMPTED = ("questioner", "roleplayer")  # roles.py's prompts this step's outputs depend on
+
 
 @dataclass
 class Args:
@@ -47,7 +49,7 @@ def main():
     final = out / "conversations.jsonl"
     check_specs(questioner=args.questioner, roleplayer=args.roleplayer)
     check_rerun(out / "args_02_simulate.json", [final, out / "conversations.partial.jsonl"], args.overwrite,
-                args, sim_args, model_args)
+                args, sim_args, model_args, prompts=PROMPTED)
     if final.exists():
         print(f"02_simulate: {final} exists; nothing to do")
         return
@@ -65,7 +67,7 @@ def main():
     pool = model_args.pool()
     questioner = pool.chat(args.questioner, adapter=questioner_adapter(args.run_dir, args.iteration), questioner=True)
     roleplayer = pool.chat(args.roleplayer)
-    record_args(out / "args_02_simulate.json", args, sim_args, model_args)
+    record_args(out / "args_02_simulate.json", args, sim_args, model_args, prompts=PROMPTED)
     conversations = simulate_pairs(questioner, roleplayer, pairs, sim_args, n_conversations=args.n_conversations,
                                    seed=args.seed, batch_size=args.batch_size, chunk_pairs=args.chunk_pairs,
                                    iteration=args.iteration, final=final, tag=f"iter{args.iteration}")

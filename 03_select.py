@@ -21,7 +21,7 @@ Writes  <run_dir>/iter{t}/scores.jsonl  the gold log-prob of EVERY conversation 
    --target gold trains on the Oracle's answer instead, --target none on the questions only (the
    paper's two ablations).
 
-    python 03_select.py --run_dir runs/tiny --iteration 0 --n_conversations 3
+    python 03_select.py --run_dir runs/tiny --iteration 0
 """
 
 from dataclasses import dataclass, field
@@ -31,8 +31,10 @@ from models import ModelSettings, truncated
 from roles import answer_view, questioner_view
 from specs import check_specs
 from stargate import gold_logprob, questioner_adapter, split_of_iteration
-from utils import (StepError, check_rerun, load_pairs, parse_args, read_jsonl, record_args, record_key, resumable,
-                   run_main, seed_everything)
+from utils import (StepError, check_rerun, load_pairs, parse_args, read_jsonl, record_args, record_key,
+                   recorded_setting, resumable, run_main, seed_everything)
+
+PROMPTED = ("questioner",)  # roles.py's prompts this step's outputs depend on
 
 
 @dataclass
@@ -42,7 +44,8 @@ class Args:
     questioner: str = field(default="embedded", metadata={
         "help": "Q_BASE model spec (scores; with adapter m_t, answers); openai:<base model>@<url>: both on that "
                 "server, with --tokenizer (docs/CLUSTER.md)"})
-    n_conversations: int = field(default=10, metadata={"help": "N: use conversations 0..N-1 of each pair"})
+    n_conversations: int | None = field(default=None, metadata={
+        "help": "N: use conversations 0..N-1 of each pair (default: the N that 02 simulated, from its record)"})
     top_k: int = field(default=1, metadata={"help": "k conversations kept per pair (paper: 1)"})
     target: str = field(default="own", metadata={
         "help": "final message trained on: own (Q_t's answer, the method), gold (ablation), none (questions only)",
@@ -72,9 +75,11 @@ def main():
     seed_everything(args.seed)
     out = Path(args.run_dir) / f"iter{args.iteration}"
     check_specs(questioner=args.questioner)
+    if args.n_conversations is None:  # N is 02's setting: one source of truth
+        args.n_conversations = recorded_setting(out / "args_02_simulate.json", "n_conversations")
     check_rerun(out / "args_03_select.json", [out / name for name in ("scores.jsonl", "scores.partial.jsonl",
                                                                       "sft.jsonl", "sft.partial.jsonl")],
-                args.overwrite, args, model_args)
+                args.overwrite, args, model_args, prompts=PROMPTED)
     if (out / "sft.jsonl").exists():
         print(f"03_select: {out / 'sft.jsonl'} exists; nothing to do")
         return
@@ -91,12 +96,12 @@ def main():
     expected = len(pairs) * args.n_conversations
     if len(conversations) != expected:
         raise StepError(f"{source}: {len(conversations)} conversations with conv_id < {args.n_conversations}, "
-                        f"expected {expected} ({len(pairs)} pairs x N); is --n_conversations the one 02 used?")
+                        f"expected {expected} ({len(pairs)} pairs x N); is --n_conversations above 02's N?")
     pool = model_args.pool()
 
     # 1. Score every conversation by log p_BASE(gold | the Questioner's prompt, the conversation, the task).
     scorer = pool.scorer(args.questioner)
-    record_args(out / "args_03_select.json", args, model_args)
+    record_args(out / "args_03_select.json", args, model_args, prompts=PROMPTED)
 
     def score_records(_, chunk, keys):
         results = gold_logprob(scorer, [pairs[k[:2]] for k in keys], [c["messages"] for c in chunk], args.batch_size)

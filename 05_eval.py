@@ -42,6 +42,8 @@ from stargate import SimulationSettings, gold_logprob, questioner_adapter, simul
 from utils import (StepError, check_rerun, load_pairs, parse_args, record_args, record_key, resumable, run_main,
                    seed_everything, write_json_atomic)
 
+PROMPTED = ("questioner", "roleplayer", "judge")  # roles.py's prompts this step's outputs depend on
+
 
 @dataclass
 class Args:
@@ -242,7 +244,8 @@ def main():
     seed_everything(args.seed)
     out = Path(args.run_dir) / "eval"
     check_specs(questioner=args.questioner, roleplayer=args.roleplayer, judge=args.judge)
-    check_rerun(out / "args_05_eval.json", sorted(out.glob("*")), args.overwrite, args, sim_args, model_args)
+    check_rerun(out / "args_05_eval.json", sorted(out.glob("*")), args.overwrite, args, sim_args, model_args,
+                prompts=PROMPTED)
     ablations = ablation_metrics(args.ablation_dirs)  # checked before any work
     if (out / "metrics.json").exists():  # finished: no model is loaded, nothing is recomputed
         report_only(out, ablations)
@@ -252,7 +255,7 @@ def main():
     models = models_to_evaluate(args)  # (name, spec, adapter), the baseline m0 first
     if args.baseline_dir and not (out / "m0").exists() and (Path(args.baseline_dir) / "eval" / "m0").is_dir():
         shutil.copytree(Path(args.baseline_dir) / "eval" / "m0", out / "m0")
-    record_args(out / "args_05_eval.json", args, sim_args, model_args)
+    record_args(out / "args_05_eval.json", args, sim_args, model_args, prompts=PROMPTED)
 
     pool = model_args.pool()
     roleplayer = pool.chat(args.roleplayer)

@@ -11,6 +11,8 @@ here, so the Roleplayer's "user" is the Questioner. The dialogue loop that uses 
 02_simulate.py. This module is text only: it imports no model code.
 """
 
+import hashlib
+import json
 import re
 import string
 
@@ -119,6 +121,21 @@ def answer_view(name: str, task: str, dialogue: list[dict]) -> list[dict]:
     return questioner_view(name, task, dialogue, ask_after_last=False) + [
         {"role": "user", "content": FINAL_ANSWER_PROMPT.format(task=task)}]
 
+
+
+def _fingerprint(*texts) -> str:
+    return hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:12]
+
+
+# What each role is shown, as a short hash per role: outputs made under other prompts are other results, so a
+# step records the hashes of the roles it prompts beside its settings, and a rerun under other prompts stops
+# (utils.check_rerun). Taken from the views of a fixed dialogue: editing a comment here changes nothing, editing
+# any text a model sees changes its role's hash.
+_DIALOGUE = [{"role": "assistant", "content": "Q?"}, {"role": "user", "content": "A."}]
+PROMPTS = {"questioner": _fingerprint(questioner_view("N", "T.", _DIALOGUE), answer_view("N", "T.", _DIALOGUE)),
+           "roleplayer": _fingerprint(roleplayer_view("B.", "T.", _DIALOGUE)),
+           "oracle": _fingerprint(ORACLE_SYSTEM, ORACLE_GOLD_PROMPT, PERSONA_PROMPT),
+           "judge": _fingerprint(JUDGE_SYSTEM, JUDGE_PROMPT)}
 
 # Gold answers the Oracle should not have written: a refusal or apology instead of an answer (small Oracles
 # write "I'm sorry, as an AI I cannot..." often), nothing at all, or the same line over and over.

@@ -155,8 +155,8 @@ run_method() {  # $1 = run folder, $2 = final message trained on (own | gold | n
     echo "== $dir: iteration $t =="
     python 02_simulate.py --run_dir "$dir" --iteration "$t" --questioner "$ASK" --roleplayer "$ROLEPLAYER" \
       --n_conversations "$N" $STEP $ASK_FLAGS $SIM_FLAGS
-    python 03_select.py --run_dir "$dir" --iteration "$t" --questioner "$ASK" --n_conversations "$N" \
-      --top_k "$TOP_K" --target "$target" $STEP $ASK_FLAGS $SELECT_FLAGS
+    python 03_select.py --run_dir "$dir" --iteration "$t" --questioner "$ASK" --top_k "$TOP_K" --target "$target" \
+      $STEP $ASK_FLAGS $SELECT_FLAGS  # N: the one 02 simulated (its record)
     python 04_train.py --run_dir "$dir" --iteration "$t" --questioner "$QUESTIONER" $STEP $TRAIN_FLAGS
   done
 }

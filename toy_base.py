@@ -28,7 +28,6 @@ nothing about what to ask (the question rates before and after are in docs/EXPER
     python toy_base.py --out cache/toy-base
 """
 
-import json
 import os
 import random
 import subprocess
@@ -36,14 +35,13 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import roles
 from local_models import load_local
 from models import ModelPool
 from roles import answer_view, questioner_view, roleplayer_view
 from scripted import mentions
 from stargate import cut_at_question  # one question per turn, as in 02
 from utils import (StepError, check_rerun, parse_args, read_jsonl, record_args, run_main, seed_everything,
-                   stable_hash, write_json_atomic, write_jsonl_atomic)
+                   write_json_atomic, write_jsonl_atomic)
 
 # The final answers of the warm-up: a short list of what the user told, then the task's suggestion.
 TOLD_ANSWERS = ["Keeping in mind what you told me ({values}), I suggest {suggestion}.",
@@ -51,8 +49,7 @@ TOLD_ANSWERS = ["Keeping in mind what you told me ({values}), I suggest {suggest
                 "Since you mentioned {values}, I would recommend {suggestion}."]
 GENERAL_ANSWERS = ["I suggest {suggestion}.", "My advice is {suggestion}.", "I would recommend {suggestion}."]
 ROOT = Path(__file__).resolve().parent
-# The Questioner's view the model is warmed up in: a model warmed up in another view is another model.
-VIEW = stable_hash(roles.QUESTIONER_SYSTEM, roles.QUESTIONER_EXAMPLES, roles.NEXT_QUESTION, roles.FINAL_ANSWER_PROMPT)
+PROMPTED = ("questioner",)  # roles.py's prompts this step's outputs depend on
 
 
 @dataclass
@@ -136,12 +133,8 @@ def main():
     args, = parse_args(Args)
     seed_everything(args.seed)
     out, build = Path(args.out), Path(f"{args.out}.build")
-    check_rerun(build / "args_toy_base.json", [out, build / "iter0"], args.overwrite, args)
+    check_rerun(build / "args_toy_base.json", [out, build / "iter0"], args.overwrite, args, prompts=PROMPTED)
     if (out / "config.json").exists():
-        made_in = json.loads((out / "warmup.json").read_text()).get("view") if (out / "warmup.json").exists() else None
-        if made_in != VIEW:
-            raise StepError(f"{out}: warmed up in another version of the Questioner's view (roles.py's prompts "
-                            "changed since); pass --overwrite to make it again, or use another --out")
         print(f"toy_base: {out} exists; nothing to do")
         return
     tasks = read_jsonl(Path(args.world) / "warmup_tasks.jsonl")
@@ -154,7 +147,7 @@ def main():
     pool = ModelPool(args.cache_dir, "no", dtype=args.dtype)
     records, revealed = warmup_records(pool.chat("embedded"), pool.chat(f"scripted:{args.world}"), tasks,
                                        args.dialogues_per_task, args.question_max_tokens, args.seed)
-    record_args(build / "args_toy_base.json", args)
+    record_args(build / "args_toy_base.json", args, prompts=PROMPTED)
     write_jsonl_atomic(build / "iter0" / "sft.jsonl", records)
 
     # Train a LoRA adapter on them with 04_train.py (the same code as every STaR-GATE iteration).
@@ -175,7 +168,7 @@ def main():
     merged.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     write_json_atomic(tmp / "warmup.json", {"args": asdict(args), "records": len(records), "tasks": len(tasks),
-                                            "revealed_0_1_2": revealed, "from": "embedded", "view": VIEW,
+                                            "revealed_0_1_2": revealed, "from": "embedded",
                                             "trained_on": "final answers and its own questions"})
     os.replace(tmp, out)  # atomic: its presence means the model is complete
     print(f"toy_base: {len(records)} warm-up records over {len(tasks)} tasks (revealing 0 / 1 / 2 relevant values: "

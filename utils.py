@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from transformers import HfArgumentParser
 
+from roles import PROMPTS
+
 
 class StepError(Exception):
     """A problem the user can fix (bad input, bad setting). Printed as one line, exit code 2."""
@@ -138,13 +140,15 @@ NOT_RESULT_SETTINGS = {
 }
 
 
-def check_rerun(record: Path, outputs: list, overwrite: bool, *parts, counted=()):
+def check_rerun(record: Path, outputs: list, overwrite: bool, *parts, counted=(), prompts=()):
     """Before a step works: compare its settings (its parsed dataclasses) with those it recorded in `record`
     (args_<step>.json) when its outputs were made. Outputs made with other settings must not be mixed with new
     ones or silently reused: if any output (or its partial file) exists and a setting that can change a result
     differs, stop with a StepError naming each (old -> new), changing nothing. With --overwrite, the outputs are
     removed instead, to be made again. counted: names in NOT_RESULT_SETTINGS that do change this step's result.
-    Settings missing from an older record are not compared."""
+    prompts: the roles whose prompts the step uses (roles.PROMPTS), compared too; a record without them was made
+    before prompts were recorded, under prompts that cannot be known, and counts as changed. Other settings
+    missing from an older record are not compared."""
     record = Path(record)
     existing = [Path(p) for p in outputs if Path(p).exists() and Path(p) != record]
     if overwrite:
@@ -161,15 +165,33 @@ def check_rerun(record: Path, outputs: list, overwrite: bool, *parts, counted=()
     ignored = NOT_RESULT_SETTINGS - set(counted)
     changed = [f"--{k} {before[k]!r} -> {now[k]!r}" for k in now
                if k in before and k not in ignored and before[k] != now[k]]
+    recorded = before.get("prompts", {})
+    changed += [f"roles.py's {role} prompts {recorded.get(role, 'unrecorded')} -> {PROMPTS[role]}" for role in prompts
+                if recorded.get(role) != PROMPTS[role]]
     if changed:
         raise StepError(f"{record.parent}: made with other settings ({', '.join(changed)}; recorded in "
                         f"{record.name}); pass --overwrite to redo this step, or use another --run_dir")
 
 
-def record_args(path: Path, *parts):
+def recorded_setting(record: Path, name: str):
+    """A setting an earlier step recorded in its args_<step>.json, for a later step that needs the same value
+    (03 selects from the N conversations 02 simulated): one source of truth, not a flag to keep in step."""
+    if not Path(record).is_file():
+        raise StepError(f"{record}: not found (the step that writes it has not run here); pass --{name} to say it")
+    recorded = json.loads(Path(record).read_text(encoding="utf-8"))
+    if name not in recorded:
+        raise StepError(f"{record}: no '{name}' recorded; pass --{name} to say it")
+    return recorded[name]
+
+
+def record_args(path: Path, *parts, prompts=()):
     """Write the arguments a step ran with beside its outputs (args_<step>.json): every flag of its
-    dataclasses (parse_args) in one object, as a user would pass them."""
-    write_json_atomic(path, {k: v for part in parts for k, v in dataclasses.asdict(part).items()})
+    dataclasses (parse_args) in one object, as a user would pass them; then the hashes of the prompts of the
+    roles it uses (`prompts`, roles.PROMPTS)."""
+    record = {k: v for part in parts for k, v in dataclasses.asdict(part).items()}
+    if prompts:
+        record["prompts"] = {role: PROMPTS[role] for role in prompts}
+    write_json_atomic(path, record)
 
 
 # --- Record types -------------------------------------------------------------------------------------

@@ -140,7 +140,7 @@ def test_pair_naming_a_missing_persona(run):
 def test_wrong_field_type(run):
     write_jsonl(run / "iter0" / "conversations.jsonl", [{"task_id": "t0", "persona_id": "p0", "conv_id": "0",
                                                           "iteration": 0, "n_turns": 1, "messages": []}])
-    fails("03_select.py", "--run_dir", run, folder=run,
+    fails("03_select.py", "--run_dir", run, "--n_conversations", 1, folder=run,
           expected="conversations.jsonl:1: conversation record needs field 'conv_id' of type int")
 
 
@@ -149,7 +149,11 @@ def test_a_cut_off_file(run):
     record = {"task_id": "t0", "persona_id": "p0", "conv_id": 0, "iteration": 0, "n_turns": 1, "messages": message}
     (run / "iter0").mkdir()
     (run / "iter0" / "conversations.jsonl").write_text(json.dumps(record) + "\n" + json.dumps(record)[:30])
-    fails("03_select.py", "--run_dir", run, folder=run, expected="conversations.jsonl:2: last line is incomplete")
+    fails("03_select.py", "--run_dir", run, "--n_conversations", 1, folder=run,
+          expected="conversations.jsonl:2: last line is incomplete")
+    # Without --n_conversations, 03 selects from the N conversations that 02's record says it simulated.
+    fails("03_select.py", "--run_dir", run, folder=run,
+          expected="args_02_simulate.json: not found (the step that writes it has not run here); pass --n_")
 
 
 def test_top_k_larger_than_n(run):

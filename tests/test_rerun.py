@@ -31,7 +31,7 @@ def record(step: str, path: Path, *flags):
     """Write args_<step>.json as the step records it when run with these flags."""
     parts = HfArgumentParser((importlib.import_module(step).Args, *SHARED[step])).parse_args_into_dataclasses(
         args=list(map(str, flags)))
-    record_args(path, *parts)
+    record_args(path, *parts, prompts=getattr(importlib.import_module(step), "PROMPTED", ()))
 
 
 def step_main(step: str, *flags, monkeypatch, capsys) -> str:
@@ -137,6 +137,11 @@ def test_selection_and_training_reruns_compare_their_settings(run, monkeypatch, 
     refused("03_select", "--run_dir", run, "--n_conversations", 2, "--target", "gold", folder=run,
             named="--target 'own' -> 'gold'", monkeypatch=monkeypatch, capsys=capsys)
     assert "nothing to do" in main("03_select", "--n_conversations", 2, "--chunk_size", 8)
+    made = json.loads((iter0 / "args_03_select.json").read_text())  # scored under other Questioner prompts
+    (iter0 / "args_03_select.json").write_text(json.dumps(dict(made, prompts={"questioner": "0123456789ab"})))
+    refused("03_select", "--run_dir", run, "--n_conversations", 2, folder=run,
+            named="roles.py's questioner prompts 0123456789ab -> ", monkeypatch=monkeypatch, capsys=capsys)
+    (iter0 / "args_03_select.json").write_text(json.dumps(made))
 
     (iter0 / "adapter").mkdir()
     (iter0 / "adapter" / "adapter_config.json").write_text("{}")
@@ -157,15 +162,20 @@ def test_data_and_toy_base_reruns_compare_their_settings(run, tmp_path, monkeypa
     out = tmp_path / "toy-base"
     out.mkdir()
     (out / "config.json").write_text("{}")
-    (out / "warmup.json").write_text(json.dumps({"view": importlib.import_module("toy_base").VIEW}))
-    record("toy_base", tmp_path / "toy-base.build" / "args_toy_base.json", "--out", out)
+    made = tmp_path / "toy-base.build" / "args_toy_base.json"
+    record("toy_base", made, "--out", out)
     refused("toy_base", "--out", out, "--epochs", 3, folder=tmp_path, named="--epochs 2.0 -> 3.0",
             monkeypatch=monkeypatch, capsys=capsys)
     assert "nothing to do" in step_main("toy_base", "--out", out, "--cache_dir", tmp_path / "elsewhere",
                                         monkeypatch=monkeypatch, capsys=capsys)
-    # A base warmed up in another Questioner view (roles.py's prompts since changed) is another model: refused.
-    (out / "warmup.json").write_text(json.dumps({"view": 1}))
-    refused("toy_base", "--out", out, folder=tmp_path, named="another version of the Questioner's view",
+    # A base warmed up under other Questioner prompts (roles.py's since edited) is another model: refused; so is
+    # one whose record predates the prompts' hashes (its prompts cannot be known).
+    recorded = json.loads(made.read_text())
+    made.write_text(json.dumps(dict(recorded, prompts={"questioner": "0123456789ab"})))
+    refused("toy_base", "--out", out, folder=tmp_path, named="roles.py's questioner prompts 0123456789ab -> ",
+            monkeypatch=monkeypatch, capsys=capsys)
+    made.write_text(json.dumps({k: v for k, v in recorded.items() if k != "prompts"}))
+    refused("toy_base", "--out", out, folder=tmp_path, named="roles.py's questioner prompts unrecorded -> ",
             monkeypatch=monkeypatch, capsys=capsys)
 
 
