@@ -57,7 +57,7 @@ def main():
     # The iteration's pairs; each gets its number of turns, drawn uniformly and shared by its N
     # conversations (App. A: "we randomly sample the number of turns for each task-persona pair").
     split = split_of_iteration(args.iteration)
-    pairs = load_pairs(args.run_dir, split)
+    pairs = load_pairs(args.run_dir, split, usable_only=True)  # no usable gold answer, no reward: left out
     for p in pairs:
         rng = random.Random(stable_hash(args.seed, args.iteration, p["task_id"], p["persona_id"]))
         p["n_turns"] = rng.randint(sim_args.min_turns, sim_args.max_turns)

@@ -86,7 +86,8 @@ def main():
     if not 1 <= args.top_k <= args.n_conversations:
         raise StepError("--top_k must be between 1 and --n_conversations")
 
-    pairs = {(p["task_id"], p["persona_id"]): p for p in load_pairs(args.run_dir, split_of_iteration(args.iteration))}
+    pairs = {(p["task_id"], p["persona_id"]): p  # a pair without a usable gold answer has no reward: left out
+             for p in load_pairs(args.run_dir, split_of_iteration(args.iteration), usable_only=True)}
     source = out / "conversations.jsonl"
     conversations = [c for c in read_jsonl(source, "conversation") if c["conv_id"] < args.n_conversations]
     for c in conversations:

@@ -109,7 +109,7 @@ def models_to_evaluate(args) -> list[tuple[str, str, tuple | None]]:
 def sample_test_pairs(run_dir, n: int, seed: int, sim: SimulationSettings) -> list[dict]:
     """The test pairs every model faces: a seeded sample of n, sorted by ids, each with its number of turns,
     balanced over min_turns .. max_turns."""
-    pairs = load_pairs(run_dir, "test")
+    pairs = load_pairs(run_dir, "test", usable_only=True)  # as in training: no gold answer, no log-prob
     random.Random(seed).shuffle(pairs)
     pairs = sorted(pairs[:n], key=lambda p: (p["task_id"], p["persona_id"]))
     for i, p in enumerate(pairs):

@@ -342,11 +342,11 @@ def finish_partial(partial: Path, final: Path, kind: str, order: list[tuple]):
     partial.unlink()
 
 
-def load_pairs(run_dir, split: str | None = None) -> list[dict]:
+def load_pairs(run_dir, split: str | None = None, *, usable_only: bool) -> list[dict]:
     """The (task, persona) pairs of a split, joined with their texts and gold response, checked.
 
-    Each pair: task_id, persona_id, split, task (text), name, bio, gold. Sorted by ids. Pairs whose gold
-    answer 01_generate.py flagged (refusal, empty, loop) are left out.
+    Each pair: task_id, persona_id, split, task (text), name, bio, gold. Sorted by ids. usable_only: leave out
+    the pairs whose gold answer 01_generate.py flagged (refusal, empty, loop), which have no target to score.
     """
     data = Path(run_dir) / "data"
     if not (data / "gold.jsonl").exists():
@@ -359,7 +359,7 @@ def load_pairs(run_dir, split: str | None = None) -> list[dict]:
             if g[key] not in table:
                 raise StepError(f"{data / 'gold.jsonl'}:{number}: names {kind} {g[key]!r}, "
                                 f"which is not in {kind}s.jsonl")
-        if g.get("flag"):  # a refused, empty or looping gold answer that 01 could not replace: no usable target
+        if usable_only and g.get("flag"):  # a refused, empty or looping gold answer 01 could not replace
             continue
         if split is None or g["split"] == split:
             task, persona = tasks[g["task_id"]], personas[g["persona_id"]]

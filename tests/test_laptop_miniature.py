@@ -108,7 +108,7 @@ def test_the_records_are_well_formed(laptop):
     read_jsonl(run / "data" / "personas.jsonl", "persona")
     read_jsonl(run / "data" / "gold.jsonl", "gold")
     for t, split in enumerate(("A", "B")):
-        pairs = {(p["task_id"], p["persona_id"]) for p in load_pairs(run, split)}
+        pairs = {(p["task_id"], p["persona_id"]) for p in load_pairs(run, split, usable_only=True)}
         convs = read_jsonl(run / f"iter{t}" / "conversations.jsonl", "conversation")
         assert sorted((c["task_id"], c["persona_id"], c["conv_id"]) for c in convs) == sorted(
             (*p, n) for p in pairs for n in range(N))
@@ -119,7 +119,7 @@ def test_the_records_are_well_formed(laptop):
         sft = read_jsonl(run / f"iter{t}" / "sft.jsonl", "sft")
         assert {(r["task_id"], r["persona_id"]) for r in sft} == pairs  # top-1 per pair
         assert all(r["messages"][-1]["role"] == "assistant" and r["messages"][-1]["train"] for r in sft)
-    test_pairs = min(len(load_pairs(run, "test")), TEST_PAIRS)  # TEST_PAIRS caps the test pairs
+    test_pairs = min(len(load_pairs(run, "test", usable_only=True)), TEST_PAIRS)  # TEST_PAIRS caps the test pairs
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert metrics["test_pairs"] == test_pairs > 0
     for t in range(ITERATIONS + 1):

@@ -70,7 +70,7 @@ def test_data_has_the_requested_splits_and_a_gold_response_per_pair(smoke):
 @pytest.mark.parametrize("iteration,split", [(0, "A"), (1, "B")])
 def test_conversations_alternate_and_share_their_pairs_length(smoke, iteration, split):
     run = smoke[0]
-    pairs = {(p["task_id"], p["persona_id"]) for p in load_pairs(run, split)}
+    pairs = {(p["task_id"], p["persona_id"]) for p in load_pairs(run, split, usable_only=True)}
     convs = read_jsonl(run / f"iter{iteration}" / "conversations.jsonl", "conversation")
     assert sorted((c["task_id"], c["persona_id"], c["conv_id"]) for c in convs) == sorted(
         (*p, n) for p in pairs for n in range(N))
@@ -132,7 +132,7 @@ def test_scores_come_from_the_base_model_even_with_adapters_loaded(smoke, model_
     fresh = LocalLM("embedded", cache_dir=model_cache, dtype="float32")
     for t in (1, 2):
         fresh.add_adapter(f"m{t}", run / f"iter{t - 1}" / "adapter")
-    pairs = {(p["task_id"], p["persona_id"]): p for p in load_pairs(run, "test")}
+    pairs = {(p["task_id"], p["persona_id"]): p for p in load_pairs(run, "test", usable_only=True)}
     convs = {(c["task_id"], c["persona_id"], c["conv_id"]): c
              for c in read_jsonl(run / "eval" / "m1" / "conversations.jsonl", "conversation")}
     for s in read_jsonl(run / "eval" / "m1" / "scores.jsonl", "score")[:3]:

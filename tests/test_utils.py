@@ -281,47 +281,48 @@ def gold(tid, pid, split="train"):
 
 def test_load_pairs_joins_filters_and_sorts(tmp_path):
     make_run(tmp_path, [gold("t1", "p0"), gold("t0", "p1", "test"), gold("t0", "p0")])
-    pairs = utils.load_pairs(tmp_path, "train")
+    pairs = utils.load_pairs(tmp_path, "train", usable_only=True)
     assert [(p["task_id"], p["persona_id"]) for p in pairs] == [("t0", "p0"), ("t1", "p0")]
     assert pairs[0] == {"task_id": "t0", "persona_id": "p0", "split": "train", "task": "task t0",
                         "name": "Namep0", "bio": "bio of p0", "gold": "gold t0 p0"}
-    assert len(utils.load_pairs(tmp_path)) == 3
+    assert len(utils.load_pairs(tmp_path, usable_only=True)) == 3
 
 
 def test_load_pairs_gold_naming_a_missing_persona(tmp_path):
     data = make_run(tmp_path, [gold("t0", "p0"), gold("t1", "p9")])
     with pytest.raises(StepError, match=rf"{data / 'gold.jsonl'}:2: names persona 'p9', which is not in "
                                         r"personas.jsonl"):
-        utils.load_pairs(tmp_path)
+        utils.load_pairs(tmp_path, usable_only=True)
 
 
 def test_load_pairs_gold_naming_a_missing_task_in_another_split(tmp_path):
     # A broken reference is an error even when it is outside the split asked for.
     data = make_run(tmp_path, [gold("t0", "p0"), gold("t7", "p1", "test")])
     with pytest.raises(StepError, match=rf"{data / 'gold.jsonl'}:2: names task 't7'"):
-        utils.load_pairs(tmp_path, "train")
+        utils.load_pairs(tmp_path, "train", usable_only=True)
 
 
 def test_load_pairs_error_names_the_file_line_after_a_blank_line(tmp_path):
     data = make_run(tmp_path, ["", gold("t0", "p0"), gold("t1", "p9")])
     with pytest.raises(StepError, match=rf"{data / 'gold.jsonl'}:3:"):
-        utils.load_pairs(tmp_path)
+        utils.load_pairs(tmp_path, usable_only=True)
 
 
 def test_load_pairs_leaves_out_pairs_whose_gold_was_flagged(tmp_path):
     make_run(tmp_path, [gold("t0", "p0") | {"flag": "refusal"}, gold("t1", "p0") | {"flag": None}])
-    assert [p["task_id"] for p in utils.load_pairs(tmp_path, "train")] == ["t1"]
+    assert [p["task_id"] for p in utils.load_pairs(tmp_path, "train", usable_only=True)] == ["t1"]
+    assert [p["task_id"] for p in utils.load_pairs(tmp_path, "train", usable_only=False)] == ["t0", "t1"]
 
 
 def test_load_pairs_without_gold_says_which_step_to_run(tmp_path):
     with pytest.raises(StepError, match="run 01_generate.py"):
-        utils.load_pairs(tmp_path)
+        utils.load_pairs(tmp_path, usable_only=True)
 
 
 def test_load_pairs_of_an_empty_split(tmp_path):
     make_run(tmp_path, [gold("t0", "p0")])
     with pytest.raises(StepError, match="no usable pairs in split 'test'"):
-        utils.load_pairs(tmp_path, "test")
+        utils.load_pairs(tmp_path, "test", usable_only=True)
 
 
 # --- Seeds ------------------------------------------------------------------------------------------------
