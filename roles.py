@@ -122,7 +122,6 @@ def answer_view(name: str, task: str, dialogue: list[dict]) -> list[dict]:
         {"role": "user", "content": FINAL_ANSWER_PROMPT.format(task=task)}]
 
 
-
 def _fingerprint(*texts) -> str:
     return hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:12]
 
@@ -136,6 +135,7 @@ PROMPTS = {"questioner": _fingerprint(questioner_view("N", "T.", _DIALOGUE), ans
            "roleplayer": _fingerprint(roleplayer_view("B.", "T.", _DIALOGUE)),
            "oracle": _fingerprint(ORACLE_SYSTEM, ORACLE_GOLD_PROMPT, PERSONA_PROMPT),
            "judge": _fingerprint(JUDGE_SYSTEM, JUDGE_PROMPT)}
+
 
 # Gold answers the Oracle should not have written: a refusal or apology instead of an answer (small Oracles
 # write "I'm sorry, as an AI I cannot..." often), nothing at all, or the same line over and over.
