@@ -238,7 +238,7 @@ def mistral(args) -> dict:
 def smoke_sizes() -> dict:
     """run_all.sh's smoke preset's sizes and caps, as overrides of the laptop preset (its MODEL_FLAGS kept)."""
     block = re.search(r"^\s*smoke\)(.*?);;", (ROOT / "run_all.sh").read_text(), re.S | re.M).group(1)
-    values = {name: quoted or bare for name, quoted, bare in re.findall(r'\b([A-Z_]+)=(?:"([^"]*)"|([^;\s]+))', block)}
+    values = dict(re.findall(r'"\$\{([A-Z_]+)=([^}]*)\}"', block))  # each preset value is a default: "${NAME=value}"
     names = ("ITERATIONS", "N_TASKS", "N_PERSONAS", "N", "TOP_K", "TEST_PAIRS", "SIM_FLAGS", "GEN_FLAGS",
              "SELECT_FLAGS", "EVAL_FLAGS")
     # The laptop preset's QLoRA path, without its batch 4 x 4 and warmup (one update at a learning rate of 0).

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 def smoke_preset(names) -> dict:
     """run_all.sh's smoke preset's values of these variables (the smallest sizes and caps exercising every step)."""
     block = re.search(r"^\s*smoke\)(.*?);;", (REPO / "run_all.sh").read_text(), re.S | re.M).group(1)
-    values = {name: quoted or bare for name, quoted, bare in re.findall(r'\b([A-Z_]+)=(?:"([^"]*)"|([^;\s]+))', block)}
+    values = dict(re.findall(r'"\$\{([A-Z_]+)=([^}]*)\}"', block))  # each preset value is a default: "${NAME=value}"
     return {name: values[name] for name in names}
 
 

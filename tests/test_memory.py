@@ -45,8 +45,8 @@ def test_model_sizes_are_the_real_ones():
 def preset_flags(name: str) -> dict:
     """The --flag value pairs of a run_all.sh preset, per *_FLAGS variable, and its model assignments."""
     block = re.search(rf"^\s*{name}\)(.*?);;", (REPO / "run_all.sh").read_text(), re.S | re.M).group(1)
-    flags = {}
-    for variable, value in re.findall(r'(\w+_FLAGS)="([^"]*)"', block):
+    values, flags = dict(re.findall(r'"\$\{([A-Z_]+)=([^}]*)\}"', block)), {}  # each a default: "${NAME=value}"
+    for variable, value in ((k, v) for k, v in values.items() if k.endswith("_FLAGS")):
         words, parsed = shlex.split(value), {}
         for i, word in enumerate(words):
             if word.startswith("--no_"):
@@ -54,7 +54,7 @@ def preset_flags(name: str) -> dict:
             elif word.startswith("--") and i + 1 < len(words) and not words[i + 1].startswith("--"):
                 parsed[word[2:]] = words[i + 1]
         flags[variable] = parsed
-    flags["models"] = dict(re.findall(r"\b(QUESTIONER|ROLEPLAYER)=([^;\s]+)", block))
+    flags["models"] = {role: values[role] for role in ("QUESTIONER", "ROLEPLAYER")}
     return flags
 
 
