@@ -25,7 +25,8 @@
 #
 # Any preset value can be overridden from the environment: QUESTIONER, ROLEPLAYER, ORACLE, JUDGE, ITERATIONS,
 # N_TASKS, N_PERSONAS, N, TOP_K, TEST_PAIRS, EVAL_N, MODELS and the *_FLAGS below; a role the preset gives the
-# Questioner's model (laptop: Roleplayer, and Oracle and Judge without a key) follows an overridden QUESTIONER:
+# Questioner's model (tiny: every role; laptop: Roleplayer, and Oracle and Judge without a key; released: m0)
+# follows an overridden QUESTIONER:
 #   QUESTIONER=hf:/models/my-7b-instruct bash run_all.sh laptop   # another 7B model, 4-bit, in those roles
 #   N_TASKS="8 8 4" N_PERSONAS="2 2 2" TEST_PAIRS=8 TRAIN_FLAGS="--batch_size 2" bash run_all.sh laptop
 # SERVED_QUESTIONER=openai:<model>@<url> runs 02/03/05's Questioner Q_t and Q_BASE scorer on that server (the base
