@@ -1,6 +1,7 @@
 """What the toy world's conversations revealed, per folder of a finished toy run: the distinct values of the task's
-relevant attributes the user stated (0, 1 or 2: what the toy Judge pays for), and how often the user had to state the
-same relevant value twice (a relevant question asked again after it was answered: it earns nothing).
+relevant attributes the user stated (0, 1 or 2: what the toy Judge pays for), how often the first reply already stated
+one (the first question asked about what matters), and how often the user had to state the same relevant value twice
+(a relevant question asked again after it was answered: it earns nothing).
 
     python bench/told.py runs/toy [runs/toy-seed1 ...] [--world data/toy]
 
@@ -20,18 +21,21 @@ from utils import read_jsonl  # noqa: E402
 
 
 def summary(world: World, tasks: dict, conversations: list[dict]) -> dict:
-    """Share of conversations revealing 0 / 1 / 2 relevant values, mean distinct relevant values, repeats."""
-    counts, repeats = Counter(), 0
+    """Share of conversations revealing 0 / 1 / 2 relevant values, mean distinct relevant values, share whose first
+    reply stated a relevant value, repeats."""
+    counts, first, repeats = Counter(), 0, 0
     for c in conversations:
         relevant = world.relevant(tasks[c["task_id"]])
         told = world.told(c["messages"])
         counts[sum(a in told for a in relevant)] += 1
         replies = [m["content"] for m in c["messages"] if m["role"] == "user"]
         stated = [a for r in replies for a in relevant if world.stated(r, a)]
+        first += any(world.stated(replies[0], a) for a in relevant) if replies else 0
         repeats += len(stated) > len(set(stated))
     n = max(len(conversations), 1)
     return {"n": len(conversations), "values": round(sum(k * v for k, v in counts.items()) / n, 3),
-            "share_0_1_2": [round(counts[k] / n, 3) for k in range(3)], "repeated": round(repeats / n, 3)}
+            "share_0_1_2": [round(counts[k] / n, 3) for k in range(3)],
+            "first": round(first / n, 3), "repeated": round(repeats / n, 3)}
 
 
 def main():

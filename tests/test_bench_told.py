@@ -1,5 +1,5 @@
-"""bench/told.py on a tiny synthetic toy run: the distinct relevant values each conversation revealed, and the
-conversations in which the user had to state the same relevant value twice."""
+"""bench/told.py on a tiny synthetic toy run: the distinct relevant values each conversation revealed, whether the
+first reply already stated one, and the conversations in which the user had to state the same relevant value twice."""
 
 import json
 import subprocess
@@ -19,7 +19,7 @@ def test_told_counts_distinct_relevant_values_and_repeats(tmp_path):
     replies = [["I am vegan.", "I love Japanese food."],  # both relevant values: 2
                ["I am vegan.", "I am vegan."],  # the same value twice: 1, repeated
                ["I live in Lisbon.", VAGUE_REPLY],  # an irrelevant value only: 0
-               [VAGUE_REPLY]]  # nothing: 0
+               [VAGUE_REPLY, "I love Japanese food."]]  # a relevant value, but not in the first reply: 1
     conversations = [{"task_id": "t0", "persona_id": "p0", "conv_id": i, "messages": [
         m for reply in turns for m in ({"role": "assistant", "content": "Any preference?"},
                                        {"role": "user", "content": reply})]} for i, turns in enumerate(replies)]
@@ -31,6 +31,8 @@ def test_told_counts_distinct_relevant_values_and_repeats(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     rows = {line.split("{")[0].strip(): json.loads("{" + line.split("{", 1)[1])
             for line in done.stdout.splitlines() if "{" in line}
-    assert rows["iter0 all"] == {"n": 4, "values": 0.75, "share_0_1_2": [0.5, 0.25, 0.25], "repeated": 0.25}
-    assert rows["iter0 kept"] == {"n": 1, "values": 2.0, "share_0_1_2": [0.0, 0.0, 1.0], "repeated": 0.0}
-    assert rows["m0 all"]["values"] == 0.0 and rows["m0 all"]["n"] == 2
+    assert rows["iter0 all"] == {"n": 4, "values": 1.0, "share_0_1_2": [0.25, 0.5, 0.25], "first": 0.5,
+                                 "repeated": 0.25}
+    assert rows["iter0 kept"] == {"n": 1, "values": 2.0, "share_0_1_2": [0.0, 0.0, 1.0], "first": 1.0,
+                                 "repeated": 0.0}
+    assert rows["m0 all"] == {"n": 2, "values": 0.5, "share_0_1_2": [0.5, 0.5, 0.0], "first": 0.0, "repeated": 0.0}
