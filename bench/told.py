@@ -29,8 +29,9 @@ def summary(world: World, tasks: dict, conversations: list[dict]) -> dict:
         told = world.told(c["messages"])
         counts[sum(a in told for a in relevant)] += 1
         replies = [m["content"] for m in c["messages"] if m["role"] == "user"]
-        stated = [a for r in replies for a in relevant if world.stated(r, a)]
-        first += any(world.stated(replies[0], a) for a in relevant) if replies else 0
+        per_reply = [[a for a in relevant if world.stated(r, a)] for r in replies]
+        stated = [a for said in per_reply for a in said]
+        first += bool(per_reply and per_reply[0])
         repeats += len(stated) > len(set(stated))
     n = max(len(conversations), 1)
     return {"n": len(conversations), "values": round(sum(k * v for k, v in counts.items()) / n, 3),
