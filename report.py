@@ -249,7 +249,9 @@ def load_metrics(run_dir) -> dict | None:
 
 # --- Results tables for the README, generated from runs' metrics.json -----------------------------------
 
-TABLE_BEGIN, TABLE_END = "<!-- results table: begin -->", "<!-- results table: end -->"
+def table_markers(name: str = "results") -> tuple[str, str]:
+    """The comments around a generated table in the README: a README may hold several (results, ablations)."""
+    return f"<!-- {name} table: begin -->", f"<!-- {name} table: end -->"
 
 
 # Two-sided 95% quantiles of Student's t by degrees of freedom: the interval of a mean over a few seeds.
@@ -339,18 +341,22 @@ def main():
 
     parser = argparse.ArgumentParser(description="Results tables (markdown) from evaluated runs' metrics.json.")
     parser.add_argument("runs", nargs="+", help="run folders, e.g. runs/toy runs/toy-seed1 runs/toy-seed2")
-    parser.add_argument("--readme", default="", help=f"write the tables into this file between {TABLE_BEGIN} "
-                                                     f"and {TABLE_END} instead of printing them")
+    parser.add_argument("--readme", default="", help="write the tables into this file between the markers of "
+                                                     "--table instead of printing them")
+    parser.add_argument("--table", default="results",
+                        help="which block of --readme to write: between <!-- TABLE table: begin --> and "
+                             "<!-- TABLE table: end --> (default: results)")
     args = parser.parse_args()
     table = results_table(args.runs)
     if not args.readme:
         print(table, end="")
         return
     text = Path(args.readme).read_text()
-    if TABLE_BEGIN not in text or TABLE_END not in text:
-        raise SystemExit(f"error: {args.readme}: no {TABLE_BEGIN} ... {TABLE_END} block to write the tables into")
-    head, rest = text.split(TABLE_BEGIN, 1)
-    write_text_atomic(args.readme, head + TABLE_BEGIN + "\n" + table + TABLE_END + rest.split(TABLE_END, 1)[1])
+    begin, end = table_markers(args.table)
+    if begin not in text or end not in text:
+        raise SystemExit(f"error: {args.readme}: no {begin} ... {end} block to write the tables into")
+    head, rest = text.split(begin, 1)
+    write_text_atomic(args.readme, head + begin + "\n" + table + end + rest.split(end, 1)[1])
 
 
 if __name__ == "__main__":

@@ -152,6 +152,17 @@ def test_results_tables_come_from_the_runs_metrics_and_say_where_they_came_from(
             "| 1.25 [1.25, 1.25]; 2 of 2 above 0 |") in text
     assert "| toy-none | 0 | none | m1 | 40.0 [52.0, 70.0]" in text  # the ablation found beside its run
     assert "commit abc1234, Some CPU, 2 cores, 2026-12-02" in text
+    # Another block of the same README (--table): written in its own markers, the results table left as it was.
+    readme.write_text(text + "<!-- ablations table: begin -->\nthe old ablations\n<!-- ablations table: end -->\n")
+    done = subprocess.run(command[:-2] + ["--readme", str(readme), "--table", "ablations"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert readme.read_text().startswith(text) and "the old ablations" not in readme.read_text()
+    assert readme.read_text().count("| toy-none | 0 | none | m1 |") == 2
+    no_block = subprocess.run(command + ["--table", "seeds"], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=120)
+    assert no_block.returncode != 0 and "no <!-- seeds table: begin --> ... <!-- seeds table: end --> block" in \
+        no_block.stderr
     missing = subprocess.run([sys.executable, str(REPO / "report.py"), "nowhere"], cwd=tmp_path, capture_output=True,
                              text=True, timeout=120)
     assert missing.returncode != 0 and "nowhere/eval/metrics.json: file not found" in missing.stderr
