@@ -249,10 +249,6 @@ def load_metrics(run_dir) -> dict | None:
 
 # --- Results tables for the README, generated from runs' metrics.json -----------------------------------
 
-def table_markers(name: str = "results") -> tuple[str, str]:
-    """The comments around a generated table in the README: a README may hold several (results, ablations)."""
-    return f"<!-- {name} table: begin -->", f"<!-- {name} table: end -->"
-
 
 # Two-sided 95% quantiles of Student's t by degrees of freedom: the interval of a mean over a few seeds.
 T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}
@@ -352,7 +348,7 @@ def main():
         print(table, end="")
         return
     text = Path(args.readme).read_text()
-    begin, end = table_markers(args.table)
+    begin, end = f"<!-- {args.table} table: begin -->", f"<!-- {args.table} table: end -->"  # one README, several
     if begin not in text or end not in text:
         raise SystemExit(f"error: {args.readme}: no {begin} ... {end} block to write the tables into")
     head, rest = text.split(begin, 1)

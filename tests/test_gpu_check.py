@@ -29,8 +29,8 @@ def test_the_gpu_check_runs_at_tiny_sizes_on_the_cpu(tmp_path, model_cache):
     assert embedded["greedy_equal_or_near_tie"] and embedded["two_runs_bitwise_equal"]
     # The adapter switched off gives the base's scores: exactly in fp32; in bf16 within its rounding (measured on
     # an AMD EPYC with AVX512-BF16: 0.004 nats on a ~100-nat sum, bf16's relative step being 0.004).
-    off_is_base = embedded["adapter_off_is_the_base_exactly"] or environment["dtype_auto"] != "torch.float32" and \
-        embedded["adapter_off_vs_base_max_abs"] < 0.05
+    off_is_base = embedded["adapter_off_is_the_base_exactly"] or (
+        environment["dtype_auto"] != "torch.float32" and embedded["adapter_off_vs_base_max_abs"] < 0.05)
     assert off_is_base and embedded["adapter_on_differs"]
     # bf16 arithmetic (4-bit on a CPU) in another order: the batch prefills the shared prefix once. 0.0018 nats
     # measured on the toy view's prompts; a response scored one token off would differ by nats.
